@@ -25,6 +25,11 @@ class PeftModule(nn.Module):
         self.enabled = True
 
 
+class PeftWrapper(nn.Module):
+    """Marker: a module that wraps a base module (LoRA's wrapper around a linear). Target
+    matching sees the wrapper in the base module's place and never looks inside it."""
+
+
 def scope_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The root module of each scope of a LLaVA-style model (``LlavaForConditionalGeneration``
     or the inner ``LlavaModel``)."""
@@ -68,7 +73,7 @@ def find_targets(
     for scope, patterns in targets.items():
         root = roots[scope]
         prefix = root_path[id(root)]
-        candidates = [(name, module) for name, module in root.named_modules() if name and accept(module)]
+        candidates = [(name, module) for name, module in _base_modules(root) if accept(module)]
         for pattern in patterns:
             regex = re.compile(pattern)
             hits = [(name, module) for name, module in candidates if regex.fullmatch(name)]
@@ -85,3 +90,14 @@ def find_targets(
                     seen.add(id(module))
                     found.append(Target(scope, name, f"{prefix}.{name}", module))
     return found
+
+
+def _base_modules(module: nn.Module, prefix: str = ""):
+    """``named_modules`` without the PEFT modules and without the insides of wrappers."""
+    for name, child in module.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, PeftModule):
+            continue
+        yield path, child
+        if not isinstance(child, PeftWrapper):
+            yield from _base_modules(child, path)
