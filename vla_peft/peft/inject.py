@@ -8,7 +8,7 @@ from torch import nn
 
 from vla_peft.peft.base import PeftModule
 from vla_peft.peft.config import MethodConfig
-from vla_peft.peft.lora import LoraConfig, inject_lora
+from vla_peft.peft.lora import LoraConfig, inject_lora, refuse_if_merged
 from vla_peft.peft.report import ParameterReport, parameter_report
 
 
@@ -63,6 +63,7 @@ def peft_modules(model: nn.Module, adapter_name: str | None = None) -> dict[str,
 
 def set_peft_enabled(model: nn.Module, enabled: bool) -> None:
     """Switch every PEFT module on or off; off gives the base model's outputs."""
+    refuse_if_merged(model, "switch PEFT modules on or off")
     for module in peft_modules(model).values():
         module.enabled = enabled
 
@@ -70,6 +71,7 @@ def set_peft_enabled(model: nn.Module, enabled: bool) -> None:
 def set_active_adapter(model: nn.Module, name: str | None) -> None:
     """Choose which named LoRA adapter runs (None: none). One attribute assignment, so it is
     cheap enough to do per task on a running robot."""
+    refuse_if_merged(model, "switch the active adapter")
     active = getattr(model, "lora_active_adapter", None)
     configs = getattr(model, "peft_config_vla", {})
     lora_names = sorted(n for n, c in configs.items() if isinstance(c, LoraConfig))
