@@ -19,6 +19,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -80,7 +81,7 @@ class Trainer:
         return (saved + grads + adam) / 2**20
 
 
-def clock(device) -> callable:
+def clock(device) -> Callable[[], float]:
     """Wall time on CUDA; on a single CPU thread, that thread's CPU time, which other
     processes' load does not inflate (torch runs every op on the calling thread then)."""
     if device.type == "cpu" and torch.get_num_threads() == 1:

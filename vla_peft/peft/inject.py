@@ -25,8 +25,8 @@ def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default"
             f"the model already has an adapter named {adapter_name!r} ({configs[adapter_name].method}); "
             "pass another adapter_name"
         )
-    model.requires_grad_(False)
     modules = _inject_method(model, config, adapter_name)
+    model.requires_grad_(False)
     for module in modules:
         module.adapter_name = adapter_name
         module.requires_grad_(True)

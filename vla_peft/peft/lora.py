@@ -192,6 +192,7 @@ def is_linear(module: nn.Module) -> bool:
 def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> list[LoraAdapter]:
     """Wrap every targeted linear (or reuse its wrapper) and add adapter ``adapter_name``;
     the new adapter becomes the active one. Returns the new (trainable) adapters."""
+    refuse_if_merged(model, "add a LoRA adapter")
     targets = find_targets(model, config.targets, accept=is_linear, kind="linear")
     bases = [t.module.base_layer if isinstance(t.module, LoraLinear) else t.module for t in targets]
     if config.load_in_4bit and not all(is_4bit(b) for b in bases):
@@ -200,7 +201,6 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
             f"the config is QLoRA (load_in_4bit: true) but targeted linears such as {plain} are not 4-bit; "
             "load the base with vla_peft.load_vlm(path, load_in_4bit=True), or set load_in_4bit: false"
         )
-    refuse_if_merged(model, "add a LoRA adapter")
     active = getattr(model, "lora_active_adapter", None)
     if active is None:
         active = ActiveAdapter()
