@@ -105,9 +105,11 @@ class _LanguageModelCall:
 
     def kwargs(self, args: tuple, kwargs: dict) -> dict:
         kwargs = {**dict(zip(self.positional, args)), **kwargs}
-        for key in ("cache", "past_key_values"):
-            if key != self.cache_key and kwargs.get(key) is not None:
-                kwargs[self.cache_key] = kwargs.pop(key)
+        other = "past_key_values" if self.cache_key == "cache" else "cache"
+        if other in kwargs:
+            value = kwargs.pop(other)
+            if value is not None:
+                kwargs[self.cache_key] = value
         return kwargs
 
 
@@ -178,8 +180,8 @@ class PrefixEncoder(PeftModule):
             ):
                 raise ValueError(
                     "prefix tuning cannot train with gradient checkpointing (transformers drops the KV cache "
-                    "that carries the prefix inside checkpointed layers): call "
-                    "model.gradient_checkpointing_disable(), or use LoRA or adapters"
+                    "that carries the prefix inside checkpointed layers): turn gradient (activation) "
+                    "checkpointing off, or use LoRA or adapters"
                 )
             cache = cache if cache is not None else DynamicCache(config=lm.config)
             batch, _ = _input_shape(kwargs)
