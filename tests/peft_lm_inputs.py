@@ -50,7 +50,7 @@ def greedy_without_cache(model, input_ids: torch.Tensor, steps: int, **inputs) -
     return ids, torch.stack(step_logits, dim=1)
 
 
-def assert_generate_matches_reference(model, inputs: dict, steps: int = 6) -> None:
+def assert_generate_matches_reference(model, inputs: dict, steps: int = 4) -> None:
     """``generate`` (cached, greedy) gives the uncached reference's tokens and logits, twice."""
     runs = [
         model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
