@@ -93,10 +93,7 @@ def output_dim(module: nn.Module) -> int | None:
 
 def inject_adapters(model: nn.Module, config: AdapterConfig) -> list[PeftModule]:
     """Insert a trainable adapter after each module ``config.targets`` selects; return them."""
-    targets = find_targets(
-        model, config.targets, accept=lambda m: not isinstance(m, PeftModule) and output_dim(m) is not None,
-        kind="module with a linear output",
-    )
+    targets = find_targets(model, config.targets, accept=lambda m: output_dim(m) is not None)
     adapters: list[PeftModule] = []
     for target in targets:
         if isinstance(getattr(target.module, "adapter", None), BottleneckAdapter):
