@@ -157,6 +157,18 @@ def test_inputs_embeds_route_with_a_cache(tiny_llava_dir):
             torch.testing.assert_close(step.last_hidden_state[:, 0], full[:, -1], atol=1e-5, rtol=0)
 
 
+def test_cache_given_positionally_or_under_the_old_name(tiny_llava_dir):
+    """Callers may pass the cache positionally or as ``past_key_values`` (the pre-5.24 name)."""
+    model, _ = load(tiny_llava_dir)
+    lm = lm_of(model)
+    ids = torch.tensor([SEQUENCES[0]])
+    with torch.no_grad():
+        expected = lm(input_ids=ids).last_hidden_state
+        for call in (lambda c: lm(ids, None, None, c), lambda c: lm(input_ids=ids, past_key_values=c)):
+            cache = DynamicCache()
+            torch.testing.assert_close(call(cache).last_hidden_state, expected, atol=0, rtol=0)
+            assert cache.get_seq_length() == M + ids.shape[1]
+
 def test_gradient_checkpointing_and_4d_masks_are_refused(tiny_llava_dir):
     model, _ = load(tiny_llava_dir)
     lm = lm_of(model)
