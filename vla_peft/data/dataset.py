@@ -117,6 +117,7 @@ class DemoDataset(Dataset):
         ]
         self._starts = np.cumsum([0] + [ep.length for ep in self.episodes])
         self._handles: dict[int, DemoFile] = {}
+        self._image_datasets: dict = {}
         self._pid = os.getpid()
         self._images: list[dict[str, np.ndarray]] | None = None
         if config.cache:
@@ -149,18 +150,30 @@ class DemoDataset(Dataset):
 
     def _file(self, file_index: int) -> DemoFile:
         if self._pid != os.getpid():  # forked into a DataLoader worker: HDF5 handles must not be shared
-            self._handles, self._pid = {}, os.getpid()
+            self._handles, self._image_datasets, self._pid = {}, {}, os.getpid()
         if file_index not in self._handles:
             self._handles[file_index] = DemoFile(self.config.paths[file_index])
         return self._handles[file_index]
 
+    def _read_frames(self, episode_number: int, key: str, rows: slice) -> np.ndarray:
+        """Image rows of one episode; h5py dataset objects are kept, as looking them up costs more than reading."""
+        if self._images is not None:
+            return self._images[episode_number][key][rows]
+        ep = self.episodes[episode_number]
+        handle = self._file(ep.file_index)
+        dataset = self._image_datasets.get((episode_number, key))
+        if dataset is None:
+            name = f"obs/{self._file_keys[ep.file_index][key]}"
+            dataset = self._image_datasets[(episode_number, key)] = handle.dataset(ep.demo, name)
+        return dataset[rows]
+
     def close(self) -> None:
         for handle in self._handles.values():
             handle.close()
-        self._handles = {}
+        self._handles, self._image_datasets = {}, {}
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_handles": {}}
+        return {**self.__dict__, "_handles": {}, "_image_datasets": {}}
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -183,10 +196,7 @@ class DemoDataset(Dataset):
 
         cameras = []
         for key in self.image_keys:
-            if self._images is not None:
-                frames = self._images[episode_number][key][first : t + 1]
-            else:
-                frames = self._file(ep.file_index).read(ep.demo, f"obs/{self._file_keys[ep.file_index][key]}", slice(first, t + 1))
+            frames = self._read_frames(episode_number, key, slice(first, t + 1))
             frames = np.concatenate([np.repeat(frames[:1], pad_front, axis=0), frames]) if pad_front else frames
             images = to_float_chw(frames)
             if self.augment is not None:

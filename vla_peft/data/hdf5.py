@@ -240,7 +240,8 @@ class DemoFile:
             raise DemoFileError(f"{self.path}: no demo {demo!r}; it has {self.demos[:5]}...")
         return self.data[demo]
 
-    def _dataset(self, demo: str, key: str) -> h5py.Dataset:
+    def dataset(self, demo: str, key: str) -> h5py.Dataset:
+        """The h5py dataset `key` of `demo`, or one DemoFileError naming both."""
         group = self._demo(demo)
         if key not in group:
             raise DemoFileError(f"{self.path}: {demo} has no key '{key}'; it has {_list_keys(group)}")
@@ -248,17 +249,17 @@ class DemoFile:
 
     def obs_keys(self, demo: str | None = None) -> list[str]:
         """Observation names stored in the file (the file's own names)."""
-        return list(self._dataset(demo or self.demos[0], "obs").keys())
+        return list(self.dataset(demo or self.demos[0], "obs").keys())
 
     def resolve(self, wanted: list[str], key_map: str | dict[str, str] = "auto") -> dict[str, str]:
         """Map our observation names to this file's; see keys.resolve_key_map."""
         return resolve_key_map(key_map, wanted, set(self.obs_keys()), f"{self.path} ({self.demos[0]})")
 
     def num_samples(self, demo: str) -> int:
-        return int(self._dataset(demo, "actions").shape[0])
+        return int(self.dataset(demo, "actions").shape[0])
 
     def shape(self, demo: str, key: str) -> tuple[int, ...]:
-        return tuple(self._dataset(demo, key).shape)
+        return tuple(self.dataset(demo, key).shape)
 
     def instruction(self, demo: str) -> str:
         """The demo's `language_instruction`, else LIBERO's file-wide `problem_info` JSON."""
@@ -276,7 +277,7 @@ class DemoFile:
 
     def read(self, demo: str, key: str, rows: slice | None = None) -> np.ndarray:
         """Read `actions`, `rewards`, `dones` or `obs/<file key>` of a demo (all rows or a slice)."""
-        dataset = self._dataset(demo, key)
+        dataset = self.dataset(demo, key)
         try:
             return dataset[()] if rows is None else dataset[rows]
         except OSError as error:
@@ -289,10 +290,10 @@ class DemoFile:
         """
         image_shape = None
         for demo in demos or self.demos:
-            actions = self._dataset(demo, "actions")
+            actions = self.dataset(demo, "actions")
             obs = {}
             for ours, theirs in obs_names.items():
-                dataset = self._dataset(demo, f"obs/{theirs}")
+                dataset = self.dataset(demo, f"obs/{theirs}")
                 obs[theirs] = (dataset.shape, dataset.dtype)
             group = self._demo(demo)
             extra = {key: group[key].shape for key in ("rewards", "dones") if key in group}
