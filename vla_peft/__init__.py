@@ -1,39 +1,39 @@
-"""vla_peft: parameter-efficient adaptation of vision-language models into robot policies."""
+"""vla_peft: parameter-efficient adaptation of vision-language models into robot policies.
 
-from vla_peft.models import TinyLlavaSpec, build_tiny_llava, load_vlm, save_tiny_llava
-from vla_peft.peft import (
-    LoraConfig,
-    ParameterReport,
-    inject,
-    load_adapter,
-    load_method_config,
-    merge_lora,
-    merged_copy,
-    parameter_report,
-    save_adapter,
-    set_active_adapter,
-    set_peft_enabled,
-    unmerge_lora,
-)
+The public names below load on first use, so `import vla_peft.data` (in a collector's
+worker process, say) does not pay for importing transformers.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LoraConfig",
-    "ParameterReport",
-    "TinyLlavaSpec",
-    "__version__",
-    "build_tiny_llava",
-    "inject",
-    "load_adapter",
-    "load_method_config",
-    "load_vlm",
-    "merge_lora",
-    "merged_copy",
-    "parameter_report",
-    "save_adapter",
-    "save_tiny_llava",
-    "set_active_adapter",
-    "set_peft_enabled",
-    "unmerge_lora",
-]
+_PUBLIC = {
+    "TinyLlavaSpec": "vla_peft.models",
+    "build_tiny_llava": "vla_peft.models",
+    "load_vlm": "vla_peft.models",
+    "save_tiny_llava": "vla_peft.models",
+    "AdapterConfig": "vla_peft.peft.adapter",
+    "LoraConfig": "vla_peft.peft",
+    "PrefixConfig": "vla_peft.peft.prefix",
+    "PromptConfig": "vla_peft.peft.prefix",
+    "ParameterReport": "vla_peft.peft",
+    "inject": "vla_peft.peft",
+    "load_adapter": "vla_peft.peft",
+    "load_method_config": "vla_peft.peft",
+    "merge_lora": "vla_peft.peft",
+    "merged_copy": "vla_peft.peft",
+    "parameter_report": "vla_peft.peft",
+    "save_adapter": "vla_peft.peft",
+    "set_active_adapter": "vla_peft.peft",
+    "set_peft_enabled": "vla_peft.peft",
+    "unmerge_lora": "vla_peft.peft",
+}
+
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'vla_peft' has no attribute {name!r}")
+    return getattr(import_module(_PUBLIC[name]), name)
