@@ -23,9 +23,9 @@ class PolicyConfig:
     load_in_4bit: bool = False          # NF4 base (QLoRA)
     dtype: str = "float32"
     cameras: list[str] = field(default_factory=lambda: ["agentview"])
-    image_size: int = 96                # camera resolution the policy receives (resized to the VLM's)
+    image_size: int | None = None       # camera resolution the policy receives (resized to the VLM's); None: the data's
     state_keys: list[str] = field(default_factory=lambda: ["ee_pos", "gripper_states"])
-    state_dim: int = 5                  # total size of the state keys, in order
+    state_dim: int | None = None        # total size of the state keys; None: the data's
     action_dim: int = 4
     chunk_size: int = 8                 # K actions predicted per forward pass
     execute_steps: int = 4              # n of the K actions executed before re-planning
@@ -46,7 +46,8 @@ class PolicyConfig:
             (self.chunk_size > 0, "chunk_size", "use a positive integer such as 8"),
             (0 < self.execute_steps <= self.chunk_size, "execute_steps", f"use 1..chunk_size ({self.chunk_size})"),
             (self.action_dim > 0, "action_dim", "use the dataset's action dimension"),
-            (self.state_dim >= 0, "state_dim", "use the total size of the state keys"),
+            (self.state_dim is None or self.state_dim >= 0, "state_dim", "use the total size of the state keys"),
+            (self.image_size is None or self.image_size > 0, "image_size", "use the cameras' resolution, e.g. 96"),
             (len(self.cameras) > 0, "cameras", "name at least one camera, e.g. ['agentview']"),
             (self.temporal_ensemble >= 0, "temporal_ensemble", "use 0 (off) or a positive decay such as 0.1"),
             ("{instruction}" in self.prompt, "prompt", "include '{instruction}' in the prompt"),

@@ -7,13 +7,13 @@ from pathlib import Path
 from torch import nn
 
 
-def load_method(source) -> object | None:
-    """A method config from a YAML path or dict; None means no PEFT (head-only training)."""
+def load_method(source, overrides: dict | None = None) -> object | None:
+    """A method config from a YAML path or dict; None / "none" means no PEFT (head-only training)."""
     if source is None or source == "none":
         return None
-    from vla_peft.peft import load_method_config
+    from vla_peft.peft.config import load_method_config
 
-    return load_method_config(source)
+    return load_method_config(source, overrides)
 
 
 def inject_method(model: nn.Module, method_config) -> object:

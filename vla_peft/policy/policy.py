@@ -31,6 +31,8 @@ from vla_peft.policy.peft_link import inject_method
 class VLAPolicy(nn.Module):
     def __init__(self, config: PolicyConfig, vlm: nn.Module, processor=None, method_config=None):
         super().__init__()
+        if config.state_dim is None or config.image_size is None:
+            raise ValueError("policy config: state_dim and image_size must be set (training fills them from the dataset)")
         self.config, self.processor, self.method_config = config, processor, method_config
         self.vlm = vlm
         vlm.requires_grad_(False)
