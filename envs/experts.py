@@ -1,0 +1,159 @@
+"""Scripted experts: waypoint / proportional controllers on privileged state, with a real
+grasp (approach, close, lift, move, lower, release). They produce the demonstrations."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import gymnasium as gym
+import numpy as np
+
+from envs.base import TabletopEnv
+from envs.scene import CUBE_HALF
+
+OPEN, CLOSED = -1.0, 1.0
+SAFE_Z = 0.1  # grasp-point height at which the open fingers clear every cube
+CARRY_Z = 0.12
+
+
+class Expert:
+    """Base: follows the env's episodes (resets its phase when the env is reset)."""
+
+    def __init__(self, env: TabletopEnv) -> None:
+        self.env = env
+        self._episode = -1
+        self.reset()
+
+    def reset(self) -> None:
+        self.phase = "start"
+        self.counter = 0
+
+    def __call__(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        if self.env.episode_id != self._episode:
+            self._episode = self.env.episode_id
+            self.reset()
+        return self.act(self.env.privileged_state()).astype(np.float32)
+
+    def act(self, s: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def move(self, ee: np.ndarray, target: np.ndarray, grip: float, speed: float = 1.0) -> np.ndarray:
+        """Proportional step towards target, at most `speed` of the env's largest step."""
+        delta = np.clip((target - ee) / self.env.max_delta, -speed, speed)
+        return np.append(delta, grip)
+
+
+class ReachExpert(Expert):
+    def act(self, s):
+        ee, cube = s["ee_pos"], s["cube_pos"][int(s["target_cube"])]
+        if self.phase == "start":
+            above = np.array([cube[0], cube[1], SAFE_Z])
+            if np.linalg.norm((ee - above)[:2]) < 0.01:
+                self.phase = "descend"
+            return self.move(ee, np.array([cube[0], cube[1], max(ee[2], SAFE_Z)]), OPEN)
+        return self.move(ee, cube, OPEN)
+
+
+class PickPlaceExpert(Expert):
+    """Grasp the target cube and put it down at `goal()`; Stack subclasses the goal."""
+
+    def goal(self, s) -> np.ndarray:
+        """Where the cube's centre should end up."""
+        pad = s["pad_pos"][int(s["target_pad"])]
+        return np.array([pad[0], pad[1], CUBE_HALF + 0.003])
+
+    def act(self, s):
+        ee, cube = s["ee_pos"], s["cube_pos"][int(s["target_cube"])]
+        if self.phase == "start":  # open, go above the cube
+            above = np.array([cube[0], cube[1], SAFE_Z])
+            if np.linalg.norm((ee - above)[:2]) < 0.008 and ee[2] > SAFE_Z - 0.02:
+                self.phase = "descend"
+            return self.move(ee, np.array([cube[0], cube[1], max(ee[2], SAFE_Z)]), OPEN)
+        if self.phase == "descend":
+            if np.linalg.norm(ee - cube) < 0.008:
+                self.phase, self.counter = "close", 0
+            return self.move(ee, cube, OPEN)
+        if self.phase == "close":
+            self.counter += 1
+            if self.counter >= 4:
+                self.phase = "lift"
+            return self.move(ee, cube, CLOSED)
+        if self.phase in ("lift", "carry", "lower") and np.linalg.norm(ee - cube) > 0.03:
+            self.phase = "start"  # the cube slipped: grasp again
+            return self.move(ee, np.array([ee[0], ee[1], SAFE_Z]), OPEN)
+        goal = self.goal(s)
+        offset = ee - cube  # keep the grasp offset when aiming the cube at the goal
+        if self.phase == "lift":
+            if ee[2] > CARRY_Z - 0.02:
+                self.phase = "carry"
+            return self.move(ee, np.array([ee[0], ee[1], CARRY_Z]), CLOSED)
+        if self.phase == "carry":
+            above = np.array([goal[0] + offset[0], goal[1] + offset[1], CARRY_Z])
+            if np.linalg.norm((ee - above)[:2]) < 0.006:
+                self.phase = "lower"
+            return self.move(ee, above, CLOSED)
+        if self.phase == "lower":
+            target = goal + offset
+            if np.linalg.norm(ee - target) < 0.006:
+                self.phase, self.counter = "release", 0
+            return self.move(ee, target, CLOSED, speed=0.6)
+        if self.phase == "release":
+            self.counter += 1
+            if self.counter >= 3:
+                self.phase = "retreat"
+            return self.move(ee, ee, OPEN)
+        return self.move(ee, np.array([ee[0], ee[1], CARRY_Z]), OPEN)  # retreat
+
+
+class StackExpert(PickPlaceExpert):
+    def goal(self, s):
+        base = s["cube_pos"][int(s["base_cube"])]
+        return np.array([base[0], base[1], base[2] + 2 * CUBE_HALF + 0.004])
+
+
+class PushExpert(Expert):
+    """Closed fingers as a pusher: get behind the cube on the pad's line, push, re-align."""
+
+    PUSH_Z = 0.03
+    STANDOFF = 0.07  # grasp point to cube centre before pushing
+
+    def act(self, s):
+        ee, cube = s["ee_pos"], s["cube_pos"][int(s["target_cube"])]
+        pad = s["pad_pos"][int(s["target_pad"])]
+        d = pad[:2] - cube[:2]
+        dist = np.linalg.norm(d)
+        if self.phase == "done" or dist < 0.01:
+            self.phase = "done"
+            return self.move(ee, np.array([ee[0], ee[1], SAFE_Z]), CLOSED)
+        u = d / dist
+        e = ee[:2] - cube[:2]
+        along = float(e @ u)
+        lateral = e - along * u
+        if self.phase == "push":
+            if np.linalg.norm(lateral) > 0.02 or along > -0.03 or ee[2] > self.PUSH_Z + 0.02:
+                self.phase = "start"
+            else:
+                xy = ee[:2] + u * min(0.015, dist + 0.005) - lateral
+                return self.move(ee, np.array([xy[0], xy[1], self.PUSH_Z]), CLOSED)
+        pre = cube[:2] - u * self.STANDOFF
+        if np.linalg.norm(ee[:2] - pre) > 0.012:  # lift, then travel above the cube height
+            if ee[2] < SAFE_Z - 0.02:
+                return self.move(ee, np.array([ee[0], ee[1], SAFE_Z]), CLOSED)
+            return self.move(ee, np.array([pre[0], pre[1], SAFE_Z]), CLOSED)
+        if ee[2] > self.PUSH_Z + 0.008:
+            return self.move(ee, np.array([pre[0], pre[1], self.PUSH_Z]), CLOSED)
+        self.phase = "push"
+        return self.move(ee, np.array([ee[0], ee[1], self.PUSH_Z]), CLOSED)
+
+
+EXPERTS = {"Reach": ReachExpert, "Push": PushExpert, "PickPlace": PickPlaceExpert, "Stack": StackExpert}
+
+
+def make_expert(env: gym.Env) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """The scripted expert for env's task: a callable obs -> action (float32, shape (4,)).
+
+    It reads privileged state from the env, and restarts its plan whenever the env is reset."""
+    base = env.unwrapped
+    if not isinstance(base, TabletopEnv):
+        raise TypeError(f"make_expert needs a vla_peft tabletop env, got {type(base).__name__}")
+    return EXPERTS[base.task_name](base)

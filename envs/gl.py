@@ -1,0 +1,79 @@
+"""Headless OpenGL for MuJoCo: pick EGL (else OSMesa) before mujoco is imported, and say which
+renderer is in use, because software rendering is hundreds of times slower than a GPU's."""
+
+from __future__ import annotations
+
+import ctypes.util
+import logging
+import os
+import sys
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "install EGL (Debian/Ubuntu: `apt-get install libegl1 libgl1-mesa-dri`) or OSMesa "
+    "(`apt-get install libosmesa6`), or set MUJOCO_GL to a backend that works on this machine "
+    "(egl, osmesa, glfw)"
+)
+
+
+class RenderingUnavailableError(RuntimeError):
+    """No OpenGL backend could create a rendering context."""
+
+
+def choose_backend() -> str:
+    """Set MUJOCO_GL to egl (or osmesa when only libOSMesa exists) unless the user set it.
+
+    Must run before `import mujoco`, which reads the variable once at import time."""
+    if os.environ.get("MUJOCO_GL"):
+        return os.environ["MUJOCO_GL"]
+    if "mujoco" in sys.modules:
+        logger.warning("mujoco was imported before envs; it keeps the GL backend it chose then")
+        return ""
+    backend = "egl"
+    if ctypes.util.find_library("EGL") is None and ctypes.util.find_library("OSMesa") is not None:
+        backend = "osmesa"
+    os.environ["MUJOCO_GL"] = backend
+    if backend == "osmesa":
+        os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
+    return backend
+
+
+def make_renderer(model, height: int, width: int):
+    """A mujoco.Renderer, or one RenderingUnavailableError that names the packages to install."""
+    import mujoco
+
+    try:
+        return mujoco.Renderer(model, height=height, width=width)
+    except Exception as err:  # the backends raise ImportError, RuntimeError, GLError, ...
+        raise RenderingUnavailableError(
+            f"MuJoCo could not open an OpenGL context (MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}): "
+            f"{err}. To render headless, {INSTALL_HINT}."
+        ) from err
+
+
+_renderer_name: str | None = None
+
+
+def gl_renderer_name() -> str:
+    """The GL_RENDERER string of the context MuJoCo renders with (e.g. 'llvmpipe ...' = software)."""
+    global _renderer_name
+    if _renderer_name is None:
+        import mujoco
+        from OpenGL import GL
+
+        renderer = make_renderer(mujoco.MjModel.from_xml_string("<mujoco/>"), 16, 16)
+        try:
+            renderer.render()  # makes the context current
+            raw = GL.glGetString(GL.GL_RENDERER)
+            _renderer_name = raw.decode() if isinstance(raw, bytes) else str(raw)
+        finally:
+            renderer.close()
+        software = any(s in _renderer_name.lower() for s in ("llvmpipe", "softpipe", "swrast"))
+        logger.info(
+            "MuJoCo renders with %s (%s, MUJOCO_GL=%s)",
+            _renderer_name,
+            "software: slow" if software else "hardware",
+            os.environ.get("MUJOCO_GL"),
+        )
+    return _renderer_name
