@@ -1,0 +1,1 @@
+"""PEFT modules and their injection into LLaVA-style VLMs. Knows nothing of robots."""

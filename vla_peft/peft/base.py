@@ -1,0 +1,103 @@
+"""What every PEFT method shares: the module marker, the three scopes, and target matching."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+SCOPES = ("vision", "projector", "language")
+
+
+class PeftModule(nn.Module):
+    """Marker base: every module that injection creates subclasses it.
+
+    Its parameters are the PEFT parameters (trainable after inject, saved by io, counted by
+    the report). ``enabled`` switches it off without removing it: a disabled module must
+    leave the base's output unchanged.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled = True
+
+
+class PeftWrapper(nn.Module):
+    """Marker: a module that wraps a base module (LoRA's wrapper around a linear). Target
+    matching sees the wrapper in the base module's place and never looks inside it."""
+
+
+def scope_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The root module of each scope of a LLaVA-style model (``LlavaForConditionalGeneration``
+    or the inner ``LlavaModel``)."""
+    inner = getattr(model, "model", model)
+    names = {"vision": "vision_tower", "projector": "multi_modal_projector", "language": "language_model"}
+    missing = [attr for attr in names.values() if not isinstance(getattr(inner, attr, None), nn.Module)]
+    if missing:
+        raise TypeError(
+            f"{type(model).__name__} is not a LLaVA-style model: it has no {', '.join(missing)}; "
+            "pass a transformers LlavaForConditionalGeneration (see vla_peft.load_vlm)"
+        )
+    return {scope: getattr(inner, attr) for scope, attr in names.items()}
+
+
+@dataclass
+class Target:
+    """One module chosen by a config's ``targets``."""
+
+    scope: str
+    name: str  # relative to the scope root, the name the pattern matched
+    path: str  # full path from the model root, as in ``model.named_modules()``
+    module: nn.Module
+
+
+def find_targets(
+    model: nn.Module,
+    targets: dict[str, list[str]],
+    accept: Callable[[nn.Module], bool] = lambda module: True,
+    kind: str = "module",
+) -> list[Target]:
+    """Modules whose name (relative to their scope root) fully matches one of the scope's
+    regex patterns and that ``accept`` takes.
+
+    A pattern that selects nothing raises ``ValueError`` listing the nearest ``kind`` names,
+    because a silent no-match would train nothing and look like a bad run.
+    """
+    roots = scope_modules(model)
+    root_path = {id(root): path for path, root in model.named_modules()}
+    found: list[Target] = []
+    seen: set[int] = set()
+    for scope, patterns in targets.items():
+        root = roots[scope]
+        prefix = root_path[id(root)]
+        candidates = [(name, module) for name, module in _base_modules(root) if accept(module)]
+        for pattern in patterns:
+            regex = re.compile(pattern)
+            hits = [(name, module) for name, module in candidates if regex.fullmatch(name)]
+            if not hits:
+                names = [name for name, _ in candidates]
+                near = difflib.get_close_matches(pattern, names, n=5, cutoff=0.0) if names else []
+                raise ValueError(
+                    f"target pattern {pattern!r} in scope {scope!r} matches no {kind}; patterns are "
+                    f"matched in full (re.fullmatch) against names relative to the scope root. "
+                    f"Nearest {kind} names there: {near or 'none'}"
+                )
+            for name, module in hits:
+                if id(module) not in seen:
+                    seen.add(id(module))
+                    found.append(Target(scope, name, f"{prefix}.{name}", module))
+    return found
+
+
+def _base_modules(module: nn.Module, prefix: str = ""):
+    """``named_modules`` without the PEFT modules and without the insides of wrappers."""
+    for name, child in module.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, PeftModule):
+            continue
+        yield path, child
+        if not isinstance(child, PeftWrapper):
+            yield from _base_modules(child, path)

@@ -1,0 +1,76 @@
+"""Put a PEFT method into a model: freeze the base, add the method's modules, report."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vla_peft.peft.base import PeftModule
+from vla_peft.peft.config import MethodConfig
+from vla_peft.peft.lora import LoraConfig, inject_lora
+from vla_peft.peft.report import ParameterReport, parameter_report
+
+
+def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default") -> ParameterReport:
+    """Freeze all of ``model``, add ``config``'s modules under ``adapter_name`` and make only
+    them trainable. Injecting a second LoRA config under a new name adds a second adapter to
+    the same layers and makes it the active (and only trainable) one.
+
+    The config is recorded as ``model.peft_config_vla[adapter_name]`` so that it can be saved.
+    """
+    configs = getattr(model, "peft_config_vla", None) or {}
+    if adapter_name in configs:
+        raise ValueError(
+            f"the model already has an adapter named {adapter_name!r} ({configs[adapter_name].method}); "
+            "pass another adapter_name"
+        )
+    model.requires_grad_(False)
+    modules = _inject_method(model, config, adapter_name)
+    for module in modules:
+        module.adapter_name = adapter_name
+        module.requires_grad_(True)
+    model.peft_config_vla = {**configs, adapter_name: config}
+    return parameter_report(model)
+
+
+def _inject_method(model: nn.Module, config: MethodConfig, adapter_name: str) -> list[PeftModule]:
+    if isinstance(config, LoraConfig):
+        return inject_lora(model, config, adapter_name)
+    if config.method == "adapter":
+        from vla_peft.peft.adapter import inject_adapters
+
+        return inject_adapters(model, config)
+    if config.method == "prefix":
+        from vla_peft.peft.prefix import inject_prefix
+
+        return inject_prefix(model, config)
+    if config.method == "prompt":
+        from vla_peft.peft.prefix import inject_prompt
+
+        return inject_prompt(model, config)
+    raise ValueError(f"inject does not know method {config.method!r}; known: lora, adapter, prefix, prompt")
+
+
+def peft_modules(model: nn.Module, adapter_name: str | None = None) -> dict[str, PeftModule]:
+    """The PEFT modules of ``model`` by path (only ``adapter_name``'s if given)."""
+    return {
+        path: m
+        for path, m in model.named_modules()
+        if isinstance(m, PeftModule) and (adapter_name is None or getattr(m, "adapter_name", None) == adapter_name)
+    }
+
+
+def set_peft_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every PEFT module on or off; off gives the base model's outputs."""
+    for module in peft_modules(model).values():
+        module.enabled = enabled
+
+
+def set_active_adapter(model: nn.Module, name: str | None) -> None:
+    """Choose which named LoRA adapter runs (None: none). One attribute assignment, so it is
+    cheap enough to do per task on a running robot."""
+    active = getattr(model, "lora_active_adapter", None)
+    configs = getattr(model, "peft_config_vla", {})
+    lora_names = sorted(n for n, c in configs.items() if isinstance(c, LoraConfig))
+    if active is None or (name is not None and name not in lora_names):
+        raise ValueError(f"no LoRA adapter named {name!r} in this model; its LoRA adapters: {lora_names}")
+    active.name = name

@@ -1,0 +1,270 @@
+"""LoRA (Hu et al. 2021): a low-rank update B·A beside a frozen linear, over full-precision
+or 4-bit NF4 (QLoRA) bases."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vla_peft.peft.base import PeftModule, PeftWrapper, find_targets
+from vla_peft.peft.config import MethodConfig, check_targets, register
+
+
+def default_lora_targets() -> dict[str, list[str]]:
+    """Attention projections of both towers and both projector linears."""
+    return {
+        "vision": [r"encoder\.layers\.\d+\.self_attn\.(q|k|v|out)_proj"],
+        "projector": [r"linear_[12]"],
+        "language": [r"layers\.\d+\.self_attn\.(q|k|v|o)_proj"],
+    }
+
+
+@register
+@dataclass
+class LoraConfig(MethodConfig):
+    """``targets`` maps a scope to regex patterns matched in full against module names relative
+    to the scope root; non-linear modules a pattern matches are skipped, so ``[".*"]`` means
+    every linear of the scope. ``load_in_4bit`` marks QLoRA: the base must be loaded in NF4."""
+
+    method = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    targets: dict[str, list[str]] = field(default_factory=default_lora_targets)
+    load_in_4bit: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be > 0 (got {self.r!r}): set r to a positive integer such as 8")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0 (got {self.alpha!r}): set alpha to e.g. 2*r")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1) (got {self.dropout!r})")
+        self.alpha = float(self.alpha)
+        self.targets = check_targets(self.targets)
+
+    @property
+    def scaling(self) -> float:
+        """alpha/r, or alpha/sqrt(r) with rsLoRA (keeps the update's scale stable as r grows)."""
+        return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
+
+
+class ActiveAdapter:
+    """Which named LoRA adapter a model uses. One instance is shared by every LoRA layer of a
+    model, so switching adapters (per-task hot swap) is a single attribute assignment."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name
+
+
+class LoraAdapter(PeftModule):
+    """One named low-rank update: x -> B(A(dropout(x))) * scaling, in float32."""
+
+    def __init__(self, d_in: int, d_out: int, r: int, scaling: float, dropout: float, device=None) -> None:
+        super().__init__()
+        self.lora_A = nn.Linear(d_in, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, d_out, bias=False, device=device, dtype=torch.float32)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = scaling
+        # A as nn.Linear's own init (Kaiming-uniform, a=sqrt(5)), B zero: B·A = 0 at init.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(self.dropout(x), self.lora_A.weight), self.lora_B.weight) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update as a dense (d_out, d_in) matrix."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+
+def is_4bit(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit linear, told by its weight's class so that bitsandbytes (seconds to
+    import) is loaded only when a 4-bit model exists."""
+    return type(getattr(module, "weight", None)).__name__ == "Params4bit"
+
+
+def dense_weight(linear: nn.Linear) -> torch.Tensor:
+    """A linear's weight in full precision (dequantised from NF4/FP4 if needed)."""
+    if is_4bit(linear):
+        import bitsandbytes as bnb
+
+        w = linear.weight
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state)
+    return linear.weight.data
+
+
+class LoraLinear(PeftWrapper):
+    """A frozen linear (``nn.Linear`` or bitsandbytes ``Linear4bit``) plus named LoRA adapters;
+    the ``active`` holder, shared across the model, picks which one runs."""
+
+    def __init__(self, base_layer: nn.Linear, active: ActiveAdapter) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active = active
+        self.merged_adapter: str | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that inspects ``proj.weight`` keeps working
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def add_adapter(self, name: str, config: LoraConfig) -> LoraAdapter:
+        if name in self.adapters:
+            raise ValueError(f"this layer already has a LoRA adapter named {name!r}; choose another adapter_name")
+        adapter = LoraAdapter(
+            self.base_layer.in_features,
+            self.base_layer.out_features,
+            config.r,
+            config.scaling,
+            config.dropout,
+            device=self.base_layer.weight.device,
+        )
+        self.adapters[name] = adapter
+        return adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        name = self.active.name
+        if self.merged_adapter is not None:
+            if name != self.merged_adapter or not self.adapters[name].enabled:
+                raise RuntimeError(
+                    f"LoRA adapter {self.merged_adapter!r} is merged into the base weights; "
+                    "call unmerge_lora(model) before switching or disabling adapters"
+                )
+            return out
+        adapter = self.adapters._modules.get(name) if name is not None else None
+        if adapter is None or not adapter.enabled:
+            return out
+        if x.dtype != torch.float32:
+            return out + adapter(x.float()).to(out.dtype)
+        return out + adapter(x)
+
+    def merge(self, name: str) -> None:
+        """Add adapter ``name``'s update into the base weight (full-precision bases only)."""
+        if self.merged_adapter is not None:
+            raise RuntimeError(f"LoRA adapter {self.merged_adapter!r} is already merged; unmerge it first")
+        if is_4bit(self.base_layer):
+            raise ValueError(
+                "cannot merge LoRA into a 4-bit base: the merged weight would be rounded back to NF4. "
+                "Use merged_copy(model) for a dequantised, merged full-precision copy instead"
+            )
+        w = self.base_layer.weight
+        w.data.copy_((w.data.float() + self.adapters[name].delta_weight()).to(w.dtype))
+        self.merged_adapter = name
+
+    def unmerge(self) -> None:
+        """Subtract the merged update again, restoring the base weight."""
+        if self.merged_adapter is None:
+            return
+        w = self.base_layer.weight
+        w.data.copy_((w.data.float() - self.adapters[self.merged_adapter].delta_weight()).to(w.dtype))
+        self.merged_adapter = None
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    """Every LoRA wrapper of ``model`` by its module path."""
+    return {path: m for path, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def is_linear(module: nn.Module) -> bool:
+    """What LoRA can wrap: a linear (Linear4bit is one) or an existing LoRA wrapper."""
+    return isinstance(module, (nn.Linear, LoraLinear))
+
+
+def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> list[LoraAdapter]:
+    """Wrap every targeted linear (or reuse its wrapper) and add adapter ``adapter_name``;
+    the new adapter becomes the active one. Returns the new (trainable) adapters."""
+    targets = find_targets(model, config.targets, accept=is_linear, kind="linear")
+    bases = [t.module.base_layer if isinstance(t.module, LoraLinear) else t.module for t in targets]
+    if config.load_in_4bit and not all(is_4bit(b) for b in bases):
+        plain = [t.path for t, b in zip(targets, bases) if not is_4bit(b)][:3]
+        raise ValueError(
+            f"the config is QLoRA (load_in_4bit: true) but targeted linears such as {plain} are not 4-bit; "
+            "load the base with vla_peft.load_vlm(path, load_in_4bit=True), or set load_in_4bit: false"
+        )
+    active = getattr(model, "lora_active_adapter", None)
+    if active is None:
+        active = ActiveAdapter()
+        model.lora_active_adapter = active
+    created = []
+    for target in targets:
+        layer = target.module
+        if not isinstance(layer, LoraLinear):
+            layer = LoraLinear(layer, active)
+            parent_path, _, child = target.path.rpartition(".")
+            setattr(model.get_submodule(parent_path), child, layer)
+        if layer.merged_adapter is not None:
+            raise RuntimeError(f"{target.path} has a merged LoRA adapter; call unmerge_lora(model) before adding another")
+        created.append(layer.add_adapter(adapter_name, config))
+    active.name = adapter_name
+    return created
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold the active adapter into every wrapped base weight (forward then costs nothing extra)."""
+    name = _active_name(model)
+    for layer in lora_layers(model).values():
+        if name in layer.adapters:
+            layer.merge(name)
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo ``merge_lora``: the base weights come back (to float rounding)."""
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+
+
+def merged_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A new full-precision model with the active LoRA adapter merged and no PEFT modules left.
+
+    This is the way to merge over a 4-bit base: the NF4 weights are dequantised (exactly as the
+    4-bit forward does), the update is added in float32, and nothing is rounded back to 4 bits.
+    The copy can be saved with ``save_pretrained`` like any transformers model.
+    """
+    name = _active_name(model)
+    others = {type(m).__name__ for m in model.modules() if isinstance(m, PeftModule) and not isinstance(m, LoraAdapter)}
+    if others:
+        raise ValueError(f"only LoRA can be merged; this model also has {sorted(others)} modules")
+    config = copy.deepcopy(model.config)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    plain = type(model)(config).to(dtype)
+    wrappers = lora_layers(model)
+    wrapped = {id(layer.base_layer) for layer in wrappers.values()}
+    quantised = {p: m for p, m in model.named_modules() if is_4bit(m) and id(m) not in wrapped}
+    state: dict[str, torch.Tensor] = {}
+    for path, module in {**wrappers, **quantised}.items():
+        base = module.base_layer if isinstance(module, LoraLinear) else module
+        weight = dense_weight(base).float()
+        if isinstance(module, LoraLinear) and module.merged_adapter is None and name in module.adapters:
+            weight = weight + module.adapters[name].delta_weight()
+        state[f"{path}.weight"] = weight
+        if base.bias is not None:
+            state[f"{path}.bias"] = base.bias.data
+    replaced = tuple(f"{path}." for path in (*wrappers, *quantised))
+    for key, value in model.state_dict().items():
+        if not key.startswith(replaced):
+            state[key] = value
+    plain.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
+    return plain.eval()
+
+
+def _active_name(model: nn.Module) -> str:
+    active = getattr(model, "lora_active_adapter", None)
+    if active is None or active.name is None:
+        raise ValueError("the model has no active LoRA adapter; inject a LoRA config first (vla_peft.inject)")
+    return active.name
