@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 # CLIP's statistics: used when a checkpoint ships no image processor.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -42,9 +45,44 @@ def check_size(height: int, width: int, camera: str, expected_size: int) -> None
         )
 
 
-def to_pixel_values(images: torch.Tensor, model_size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """float (B, 3, H, W) in [0, 1] -> (B, 3, model_size, model_size) normalised as the VLM expects."""
-    if images.shape[-1] != model_size or images.shape[-2] != model_size:
-        images = F.interpolate(images, size=(model_size, model_size), mode="bilinear", antialias=True,
-                               align_corners=False)
-    return (images - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+class PixelNormalizer(nn.Module):
+    """float images (B, C, 3, H, W) in [0, 1] -> the VLM's pixel values (B, C, 3, s, s).
+
+    Resized to the vision tower's size, then normalised the way the base was trained:
+    per channel with its image processor's mean/std, or, when the checkpoint ships an
+    ``image_norm.safetensors`` (the pretrained tiny base does), minus each camera's mean
+    scene image and divided by its std.
+    """
+
+    def __init__(self, cameras: list[str], model_size: int, processor=None, base_path: str | Path | None = None):
+        super().__init__()
+        self.model_size = model_size
+        norm = None
+        if base_path is not None and (Path(base_path) / "image_norm.safetensors").is_file():
+            from vla_peft.models.image_norm import load_image_norm
+
+            norm = load_image_norm(base_path)
+        if norm is not None:
+            missing = [c for c in cameras if c not in norm.means]
+            if missing:
+                raise ValueError(f"the base's image_norm has no scene mean for camera(s) {missing} "
+                                 f"(it has {sorted(norm.means)}): use those cameras in policy.cameras")
+            means = torch.stack([norm.means[c].float() for c in cameras])
+            if means.shape[-1] != model_size:
+                means = F.interpolate(means, size=(model_size, model_size), mode="bilinear", antialias=True)
+            std = torch.full((len(cameras), 3, 1, 1), float(norm.std))
+        else:
+            mean, channel_std = image_stats(processor)
+            means = torch.tensor(mean).view(1, 3, 1, 1).expand(len(cameras), 3, 1, 1).clone()
+            std = torch.tensor(channel_std).view(1, 3, 1, 1).expand(len(cameras), 3, 1, 1).clone()
+        self.per_pixel = norm is not None
+        self.register_buffer("mean", means, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        batch, cams = images.shape[:2]
+        flat = images.flatten(0, 1)
+        if flat.shape[-1] != self.model_size or flat.shape[-2] != self.model_size:
+            flat = F.interpolate(flat, size=(self.model_size, self.model_size), mode="bilinear", antialias=True,
+                                 align_corners=False)
+        return (flat.view(batch, cams, *flat.shape[1:]) - self.mean) / self.std

@@ -18,20 +18,20 @@ def load_method(source, overrides: dict | None = None) -> object | None:
 
 def inject_method(model: nn.Module, method_config) -> object:
     """Inject the PEFT modules into the (frozen) VLM; returns the parameter report."""
-    from vla_peft.peft import inject
+    from vla_peft.peft.inject import inject
 
     return inject(model, method_config)
 
 
 def save_method(model: nn.Module, directory: Path) -> None:
     """Write the injected PEFT weights (LoRA in HF peft's format) to ``directory``."""
-    from vla_peft.peft import save_adapter
+    from vla_peft.peft.io import save_adapter
 
     save_adapter(model, directory)
 
 
 def load_method_weights(model: nn.Module, directory: Path) -> None:
     """Read PEFT weights saved by ``save_method`` into an already injected model."""
-    from vla_peft.peft import load_adapter
+    from vla_peft.peft.io import load_adapter
 
     load_adapter(model, directory)

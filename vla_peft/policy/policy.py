@@ -15,6 +15,7 @@ applies the same steps itself (same crop, same normalisers), then un-normalises.
 from __future__ import annotations
 
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from vla_peft.policy.config import PolicyConfig
 from vla_peft.policy.heads import ContinuousHead, DiscreteHead
 from vla_peft.data.augment import ImageAugment, to_float_chw
 from vla_peft.data.stats import Normalizer
-from vla_peft.policy.image import check_camera_image, check_size, image_stats, to_pixel_values
+from vla_peft.policy.image import PixelNormalizer, check_camera_image, check_size
 from vla_peft.policy.peft_link import inject_method
 
 
@@ -58,9 +59,8 @@ class VLAPolicy(nn.Module):
         )
         self.normalizers: dict[str, Normalizer] | None = None
         self._eval_crop = ImageAugment(crop_scale=config.center_crop) if config.center_crop < 1 else None
-        mean, std = image_stats(processor)
-        self.register_buffer("pixel_mean", torch.tensor(mean), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(std), persistent=False)
+        self.pixels = PixelNormalizer(config.cameras, self.model_image_size, processor,
+                                      config.base if config.base and Path(config.base).is_dir() else None)
         self._prompt_ids: dict[tuple[str, int], list[int]] = {}
         self.reset()
 
@@ -69,6 +69,8 @@ class VLAPolicy(nn.Module):
     def from_config(cls, config: PolicyConfig, method_config=None, normalizers: dict[str, Normalizer] | None = None,
                     vlm=None, processor=None) -> VLAPolicy:
         """Load the base named in ``config`` (unless given), inject ``method_config``, attach the normalisers."""
+        if getattr(method_config, "load_in_4bit", False):
+            config.load_in_4bit = True  # QLoRA: the method asks for an NF4 base
         if vlm is None:
             from vla_peft.models import load_vlm
 
@@ -163,8 +165,7 @@ class VLAPolicy(nn.Module):
                              f"set state_dim to {state.shape[-1]} (the total size of {self.config.state_keys})")
         lm = self.vlm.model.language_model
         dtype = lm.get_input_embeddings().weight.dtype
-        pixels = to_pixel_values(images.to(self.device, torch.float32).transpose(0, 1).flatten(0, 1),
-                                 self.model_image_size, self.pixel_mean, self.pixel_std)  # camera-major (C*B, ...)
+        pixels = self.pixels(images.to(self.device, torch.float32)).transpose(0, 1).flatten(0, 1)  # camera-major
         features = torch.stack(list(self.vlm.model.get_image_features(pixel_values=pixels.to(dtype)).pooler_output))
         num_tokens = features.shape[1]
         features = features.view(num_cams, batch, num_tokens, -1).transpose(0, 1).reshape(-1, features.shape[-1])
