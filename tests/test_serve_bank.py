@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from eval_synth import make_policy
+from eval_synth import make_policy, one_torch_thread
 from vla_peft.models import load_vlm, save_tiny_llava
 from vla_peft.peft.lora import lora_layers
 from vla_peft.policy.bundle import BundleMismatchError, load_bundle, save_bundle
 from vla_peft.serve import AdapterBank
+
+
+one_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +131,6 @@ def test_unknown_name_and_duplicate_name_are_clear(tiny_llava_dir, bundles):
         bank.register("A", bundles["B"])
 
 
-@pytest.mark.slow
 def test_merged_mode_refuses_a_4bit_base(tiny_llava_dir):
     vlm, processor = load_vlm(tiny_llava_dir, load_in_4bit=True)
     with pytest.raises(ValueError, match="4-bit"):

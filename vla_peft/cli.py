@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=500 method.r=8")
     train.set_defaults(func=cmd_train)
+    from vla_peft.eval.command import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 
