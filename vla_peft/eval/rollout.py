@@ -129,7 +129,7 @@ def run_episodes(
         nonlocal flag_seen
         episode = slot_episode[slot]
         if episode.frames is not None:
-            mark = "success" if episode.success else ("error" if episode.error else "")
+            mark = "success" if episode.success else ("error" if episode.error else "failed")
             episode.frames[-1] = captioned(view_frame_raw[slot], episode.instruction, f"step {episode.length}  {mark}")
         slot_episode[slot] = None
         bar.update(1)

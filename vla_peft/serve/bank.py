@@ -202,6 +202,13 @@ class AdapterBank:
         """The active policy's ``predict_chunk``."""
         return self.policy.predict_chunk(obs, binarize_gripper=binarize_gripper)
 
+    def predict_mixed(self, obs: dict, names: list[str], binarize_gripper: bool | None = None):
+        """Action chunks for a batch whose row i is served by bundle ``names[i]``, in one language-model
+        forward (inference only, unmerged mode); see ``vla_peft.serve.mixed``."""
+        from vla_peft.serve.mixed import predict_mixed
+
+        return predict_mixed(self, obs, names, binarize_gripper)
+
     @property
     def config(self) -> PolicyConfig:
         return self.policy.config
