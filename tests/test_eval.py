@@ -12,9 +12,8 @@ from gymnasium import spaces
 
 from eval_synth import make_policy, one_torch_thread
 from vla_peft.cli import main
-from vla_peft.eval import EvalConfig, KeyMapError, evaluate, wilson_interval
+from vla_peft.eval import EvalConfig, KeyMap, KeyMapError, evaluate, wilson_interval
 from vla_peft.policy.bundle import load_bundle, save_bundle
-from vla_peft.serve import AdapterBank
 
 THIRD_PARTY = "thirdparty/Lift-v0"
 KEY_MAP = {
@@ -188,3 +187,21 @@ def test_key_map_errors_name_the_problem(bundles, tmp_path):
     no_flag = {**KEY_MAP, "success": "info:done"}
     with pytest.raises(KeyMapError, match="info:done"):
         evaluate([THIRD_PARTY], lambda _: policy, config(tmp_path, env_id=THIRD_PARTY, key_map=no_flag, episodes=1))
+
+
+def test_key_map_reads_array_observations_renders_and_fixed_text():
+    class View:  # what the rollout hands the key map: a vector env's batched obs and per-slot infos
+        obs = np.arange(12, dtype=np.float32).reshape(2, 6)
+        infos = [{}, {}]
+
+        def render(self, slot):
+            return np.full((8, 8, 3), slot, np.uint8)
+
+    key_map = KeyMap({"agentview_rgb": "render", "ee_pos": "obs[0:3]", "gripper_states": "obs[4:]",
+                      "instruction": "text:balance the pole"}, ["agentview"], ["ee_pos", "gripper_states"])
+    obs = key_map.policy_obs(View(), [1])
+    np.testing.assert_array_equal(obs["ee_pos"], [[6, 7, 8]])
+    np.testing.assert_array_equal(obs["gripper_states"], [[10, 11]])
+    assert obs["agentview_rgb"].shape == (1, 8, 8, 3) and obs["agentview_rgb"].max() == 1
+    assert obs["instruction"] == ["balance the pole"]
+    assert key_map.to_dict()["ee_pos"] == "obs[:3]" and key_map.uses_render
