@@ -37,7 +37,8 @@ class EvalConfig:
     videos: int = 0                  # the first N episodes of each task are filmed
     video_format: str = "mp4"        # mp4 or gif
     max_steps: int | None = None     # cap on episode length (default: the env's time limit)
-    asynchronous: bool = False       # AsyncVectorEnv (one process per slot) instead of SyncVectorEnv
+    asynchronous: bool = False       # AsyncVectorEnv (one spawned process per slot; the env id must be
+                                     # importable there: our tasks or 'module:Id-v0') instead of SyncVectorEnv
     env_id: str | None = None        # any registered gymnasium id; None: our task of that name
     env_kwargs: dict = field(default_factory=dict)
     key_map: dict = field(default_factory=dict)
@@ -97,8 +98,7 @@ def evaluate_task(policy, task: str, config: EvalConfig, out: Path) -> tuple[dic
     if env_id not in gym.registry and ":" not in env_id:
         raise ValueError(f"no gymnasium environment registered as {env_id!r}; pass a registered id with --env-id "
                          "(or 'module:Id-v0' to import the module that registers it)")
-    env_fns = [lambda: gym.make(env_id, **kwargs) for _ in range(min(config.num_envs, config.episodes))]
-    vec = make_vector_env(env_fns, asynchronous=config.asynchronous)
+    vec = make_vector_env(env_id, kwargs, min(config.num_envs, config.episodes), asynchronous=config.asynchronous)
     try:
         if config.max_steps is None and _time_limit(vec) is None:
             raise ValueError(f"{env_id} has no time limit (max_episode_steps); pass --max-steps")

@@ -10,8 +10,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
-
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, AsyncVectorEnv, SyncVectorEnv
@@ -95,11 +93,26 @@ class ActionQueues:
         return action
 
 
-def make_vector_env(env_fns: list[Callable[[], gym.Env]], asynchronous: bool = False):
-    """A vector env over ``env_fns`` whose members report exceptions as failed episodes."""
-    guarded = [lambda fn=fn: ErrorAsFailure(fn()) for fn in env_fns]
-    cls = AsyncVectorEnv if asynchronous else SyncVectorEnv
-    return cls(guarded, autoreset_mode=AutoresetMode.DISABLED)
+class EnvMaker:
+    """Builds one member env: picklable, so AsyncVectorEnv can start it in a fresh process
+    (which imports ``envs`` itself when our tasks are wanted)."""
+
+    def __init__(self, env_id: str, kwargs: dict) -> None:
+        self.env_id, self.kwargs = env_id, kwargs
+
+    def __call__(self) -> gym.Env:
+        if self.env_id.startswith("vla_peft/"):
+            import envs  # noqa: F401  (registers our tasks)
+        return ErrorAsFailure(gym.make(self.env_id, **self.kwargs))
+
+
+def make_vector_env(env_id: str, kwargs: dict, num: int, asynchronous: bool = False):
+    """``num`` copies of the env in a vector env; each member reports exceptions as failed episodes.
+    Asynchronous members start by spawning (a forked child would inherit the parent's GL state)."""
+    makers = [EnvMaker(env_id, kwargs) for _ in range(num)]
+    if asynchronous:
+        return AsyncVectorEnv(makers, context="spawn", autoreset_mode=AutoresetMode.DISABLED)
+    return SyncVectorEnv(makers, autoreset_mode=AutoresetMode.DISABLED)
 
 
 def run_episodes(
