@@ -116,6 +116,7 @@ class PushExpert(Expert):
 
     PUSH_Z = 0.03
     STANDOFF = 0.07  # grasp point to cube centre before pushing
+    CONTACT = 0.042  # grasp point to cube centre when the closed fingers touch its face
 
     def act(self, s):
         ee, cube = s["ee_pos"], s["cube_pos"][int(s["target_cube"])]
@@ -130,10 +131,10 @@ class PushExpert(Expert):
         along = float(e @ u)
         lateral = e - along * u
         if self.phase == "push":
-            if np.linalg.norm(lateral) > 0.02 or along > -0.03 or ee[2] > self.PUSH_Z + 0.02:
+            if np.linalg.norm(lateral) > 0.03 or along > -0.02 or ee[2] > self.PUSH_Z + 0.02:
                 self.phase = "start"
-            else:
-                xy = ee[:2] + u * min(0.015, dist + 0.005) - lateral
+            else:  # aim just inside the cube's far side of the line: push and re-centre at once
+                xy = cube[:2] - u * (self.CONTACT - min(0.015, dist + 0.005))
                 return self.move(ee, np.array([xy[0], xy[1], self.PUSH_Z]), CLOSED)
         pre = cube[:2] - u * self.STANDOFF
         if np.linalg.norm(ee[:2] - pre) > 0.012:  # lift, then travel above the cube height
