@@ -61,6 +61,8 @@ def make_renderer(model, height: int, width: int):
     try:
         renderer = mujoco.Renderer(model, height=height, width=width)
         _gl_pid = os.getpid()
+        if _renderer_name is None:
+            _log_renderer_name(renderer)
         return renderer
     except Exception as err:  # the backends raise ImportError, RuntimeError, GLError, ...
         raise RenderingUnavailableError(
@@ -72,25 +74,27 @@ def make_renderer(model, height: int, width: int):
 _renderer_name: str | None = None
 
 
-def gl_renderer_name() -> str:
-    """The GL_RENDERER string of the context MuJoCo renders with (e.g. 'llvmpipe ...' = software)."""
+def _log_renderer_name(renderer) -> None:
+    """Read GL_RENDERER from a fresh renderer's context and log it, once per process."""
     global _renderer_name
+    from OpenGL import GL
+
+    renderer.render()  # makes its context current
+    raw = GL.glGetString(GL.GL_RENDERER)
+    _renderer_name = raw.decode() if isinstance(raw, bytes) else str(raw)
+    software = any(s in _renderer_name.lower() for s in ("llvmpipe", "softpipe", "swrast"))
+    logger.info(
+        "MuJoCo renders with %s (%s, MUJOCO_GL=%s)",
+        _renderer_name,
+        "software rendering on the CPU: slow" if software else "hardware",
+        os.environ.get("MUJOCO_GL"),
+    )
+
+
+def gl_renderer_name() -> str:
+    """The GL_RENDERER string MuJoCo renders with (e.g. 'llvmpipe ...' = software rendering)."""
     if _renderer_name is None:
         import mujoco
-        from OpenGL import GL
 
-        renderer = make_renderer(mujoco.MjModel.from_xml_string("<mujoco/>"), 16, 16)
-        try:
-            renderer.render()  # makes the context current
-            raw = GL.glGetString(GL.GL_RENDERER)
-            _renderer_name = raw.decode() if isinstance(raw, bytes) else str(raw)
-        finally:
-            renderer.close()
-        software = any(s in _renderer_name.lower() for s in ("llvmpipe", "softpipe", "swrast"))
-        logger.info(
-            "MuJoCo renders with %s (%s, MUJOCO_GL=%s)",
-            _renderer_name,
-            "software: slow" if software else "hardware",
-            os.environ.get("MUJOCO_GL"),
-        )
+        make_renderer(mujoco.MjModel.from_xml_string("<mujoco/>"), 16, 16).close()
     return _renderer_name

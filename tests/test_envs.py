@@ -194,7 +194,8 @@ def test_bad_actions():
     env.close()
 
 
-def test_physics_instability_ends_the_episode_as_failed():
+def test_physics_instability_ends_the_episode_as_failed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MuJoCo writes its warning to MUJOCO_LOG.TXT in the cwd
     env = make("PickPlace", image_size=32)
     env.reset(seed=0)
     env.unwrapped.data.qvel[:] = 1e12  # diverges on the next physics step
