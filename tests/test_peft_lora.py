@@ -12,11 +12,12 @@ from vla_peft import (
     inject,
     load_vlm,
     merge_lora,
+    save_adapter,
     set_active_adapter,
     set_peft_enabled,
     unmerge_lora,
 )
-from vla_peft.peft.lora import LoraLinear, lora_layers
+from vla_peft.peft.lora import ActiveAdapter, LoraLinear, lora_layers
 
 
 @pytest.fixture
@@ -92,13 +93,34 @@ def logits_base(model, inputs):
         set_peft_enabled(model, True)
 
 
-def test_switching_while_merged_is_refused(model):
+def test_merged_model_is_the_plain_base_architecture(model, tmp_path):
+    base_keys = set(model.state_dict())
     inject(model, LoraConfig(r=2))
     inject(model, LoraConfig(r=2), adapter_name="other")
     merge_lora(model)
-    set_active_adapter(model, "default")
-    with pytest.raises(RuntimeError, match="unmerge_lora"):
-        model(**vlm_inputs(model))
+    assert not lora_layers(model) and set(model.state_dict()) == base_keys
+    for action in (
+        lambda: set_active_adapter(model, "default"),
+        lambda: set_peft_enabled(model, False),
+        lambda: inject(model, LoraConfig(r=2), adapter_name="third"),
+        lambda: save_adapter(model, tmp_path / "a"),
+        lambda: merge_lora(model),
+    ):
+        with pytest.raises(RuntimeError, match=r"call unmerge_lora\(model\) first"):
+            action()
+    unmerge_lora(model)
+    assert len(lora_layers(model)) == 18
+
+
+def test_switching_away_from_a_layer_merged_adapter_is_refused():
+    layer = LoraLinear(nn.Linear(8, 8), ActiveAdapter("a"))
+    layer.add_adapter("a", LoraConfig(r=2))
+    layer.add_adapter("b", LoraConfig(r=2))
+    layer.merge("a")
+    layer(torch.randn(1, 8))
+    layer.active.name = "b"
+    with pytest.raises(RuntimeError, match="'a' is merged into the base weights"):
+        layer(torch.randn(1, 8))
 
 
 def test_backward_reaches_only_lora_and_counts_match_closed_form(model):

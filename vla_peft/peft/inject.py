@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+
 from torch import nn
 
 from vla_peft.peft.base import PeftModule
 from vla_peft.peft.config import MethodConfig
-from vla_peft.peft.lora import LoraConfig, inject_lora
+from vla_peft.peft.lora import LoraConfig, inject_lora, refuse_if_merged
 from vla_peft.peft.report import ParameterReport, parameter_report
 
 
@@ -23,8 +25,8 @@ def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default"
             f"the model already has an adapter named {adapter_name!r} ({configs[adapter_name].method}); "
             "pass another adapter_name"
         )
-    model.requires_grad_(False)
     modules = _inject_method(model, config, adapter_name)
+    model.requires_grad_(False)
     for module in modules:
         module.adapter_name = adapter_name
         module.requires_grad_(True)
@@ -32,22 +34,22 @@ def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default"
     return parameter_report(model)
 
 
+# The other methods live in their own modules, imported on first use:
+# method -> (module, function(model, config) -> list[PeftModule]).
+INJECTORS = {
+    "adapter": ("vla_peft.peft.adapter", "inject_adapters"),
+    "prefix": ("vla_peft.peft.prefix", "inject_prefix"),
+    "prompt": ("vla_peft.peft.prefix", "inject_prompt"),
+}
+
+
 def _inject_method(model: nn.Module, config: MethodConfig, adapter_name: str) -> list[PeftModule]:
     if isinstance(config, LoraConfig):
         return inject_lora(model, config, adapter_name)
-    if config.method == "adapter":
-        from vla_peft.peft.adapter import inject_adapters
-
-        return inject_adapters(model, config)
-    if config.method == "prefix":
-        from vla_peft.peft.prefix import inject_prefix
-
-        return inject_prefix(model, config)
-    if config.method == "prompt":
-        from vla_peft.peft.prefix import inject_prompt
-
-        return inject_prompt(model, config)
-    raise ValueError(f"inject does not know method {config.method!r}; known: lora, adapter, prefix, prompt")
+    if config.method not in INJECTORS:
+        raise ValueError(f"inject does not know method {config.method!r}; known: {['lora', *INJECTORS]}")
+    module, function = INJECTORS[config.method]
+    return getattr(importlib.import_module(module), function)(model, config)
 
 
 def peft_modules(model: nn.Module, adapter_name: str | None = None) -> dict[str, PeftModule]:
@@ -61,6 +63,7 @@ def peft_modules(model: nn.Module, adapter_name: str | None = None) -> dict[str,
 
 def set_peft_enabled(model: nn.Module, enabled: bool) -> None:
     """Switch every PEFT module on or off; off gives the base model's outputs."""
+    refuse_if_merged(model, "switch PEFT modules on or off")
     for module in peft_modules(model).values():
         module.enabled = enabled
 
@@ -68,6 +71,7 @@ def set_peft_enabled(model: nn.Module, enabled: bool) -> None:
 def set_active_adapter(model: nn.Module, name: str | None) -> None:
     """Choose which named LoRA adapter runs (None: none). One attribute assignment, so it is
     cheap enough to do per task on a running robot."""
+    refuse_if_merged(model, "switch the active adapter")
     active = getattr(model, "lora_active_adapter", None)
     configs = getattr(model, "peft_config_vla", {})
     lora_names = sorted(n for n, c in configs.items() if isinstance(c, LoraConfig))

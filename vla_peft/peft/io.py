@@ -24,7 +24,7 @@ from torch import nn
 from vla_peft.peft.base import find_targets, scope_modules
 from vla_peft.peft.config import load_method_config
 from vla_peft.peft.inject import inject, peft_modules
-from vla_peft.peft.lora import LoraConfig, is_4bit, is_linear, lora_layers
+from vla_peft.peft.lora import LoraConfig, is_4bit, is_linear, lora_layers, refuse_if_merged
 from vla_peft.peft.report import ParameterReport
 
 WEIGHTS = "adapter_model.safetensors"
@@ -45,6 +45,7 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         raise ValueError(f"the model has no adapter named {adapter_name!r}; it has {sorted(configs)}")
     config = configs[adapter_name]
     if isinstance(config, LoraConfig):
+        refuse_if_merged(model, "save a LoRA adapter")
         layers = {p: layer for p, layer in lora_layers(model).items() if adapter_name in layer.adapters}
         tensors = {}
         for p, layer in layers.items():
