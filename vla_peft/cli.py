@@ -31,7 +31,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     run = load_run_config(args.config, args.overrides)
     try:
-        summary = train(run, resume=args.resume)
+        summary = train(run, resume=args.resume).summary
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
