@@ -46,7 +46,7 @@ class MethodConfig:
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = [key for key in d if key not in valid]
         if unknown:
-            hints = {key: difflib.get_close_matches(key, valid, n=3) for key in unknown}
+            hints = {key: difflib.get_close_matches(key, valid, n=3, cutoff=0.4) for key in unknown}
             raise ValueError(
                 f"unknown {cls.method} config key(s) {unknown}; nearest valid keys: {hints}; "
                 f"valid keys are {valid}"

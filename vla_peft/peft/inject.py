@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 from torch import nn
 
 from vla_peft.peft.base import PeftModule
@@ -32,22 +34,22 @@ def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default"
     return parameter_report(model)
 
 
+# The other methods live in their own modules, imported on first use:
+# method -> (module, function(model, config) -> list[PeftModule]).
+INJECTORS = {
+    "adapter": ("vla_peft.peft.adapter", "inject_adapters"),
+    "prefix": ("vla_peft.peft.prefix", "inject_prefix"),
+    "prompt": ("vla_peft.peft.prefix", "inject_prompt"),
+}
+
+
 def _inject_method(model: nn.Module, config: MethodConfig, adapter_name: str) -> list[PeftModule]:
     if isinstance(config, LoraConfig):
         return inject_lora(model, config, adapter_name)
-    if config.method == "adapter":
-        from vla_peft.peft.adapter import inject_adapters
-
-        return inject_adapters(model, config)
-    if config.method == "prefix":
-        from vla_peft.peft.prefix import inject_prefix
-
-        return inject_prefix(model, config)
-    if config.method == "prompt":
-        from vla_peft.peft.prefix import inject_prompt
-
-        return inject_prompt(model, config)
-    raise ValueError(f"inject does not know method {config.method!r}; known: lora, adapter, prefix, prompt")
+    if config.method not in INJECTORS:
+        raise ValueError(f"inject does not know method {config.method!r}; known: {['lora', *INJECTORS]}")
+    module, function = INJECTORS[config.method]
+    return getattr(importlib.import_module(module), function)(model, config)
 
 
 def peft_modules(model: nn.Module, adapter_name: str | None = None) -> dict[str, PeftModule]:
