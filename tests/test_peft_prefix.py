@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft_lm_inputs import SEQUENCES, greedy_without_cache, image_prompt, padded, positions
+from peft_lm_inputs import SEQUENCES, assert_generate_matches_reference, image_prompt, padded, positions
 from transformers.cache_utils import DynamicCache
 
 from vla_peft.models import load_vlm
@@ -110,14 +110,10 @@ def test_padded_batch_matches_each_sample_alone(tiny_llava_dir, side):
 
 def test_generate_reproduces_uncached_greedy_and_is_deterministic(tiny_llava_dir):
     model, _ = load(tiny_llava_dir)
-    inputs = image_prompt(model, SEQUENCES[0])
     with torch.no_grad():
-        first = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-        second = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-        reference = greedy_without_cache(model, inputs["input_ids"], 6, pixel_values=inputs["pixel_values"])
-    assert first.shape[1] > inputs["input_ids"].shape[1]
-    assert torch.equal(first, second)
-    assert torch.equal(first, reference[:, : first.shape[1]])
+        assert_generate_matches_reference(model, image_prompt(model, SEQUENCES[0]))
+        ids, mask = padded(SEQUENCES, "left")
+        assert_generate_matches_reference(model, {"input_ids": ids, "attention_mask": mask})
 
 
 def test_generate_left_padded_batch_matches_each_sample_alone(tiny_llava_dir):
@@ -152,9 +148,13 @@ def test_inputs_embeds_route_with_a_cache(tiny_llava_dir):
         full = lm(input_ids=ids, attention_mask=mask).last_hidden_state
         via_embeds = lm(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         torch.testing.assert_close(via_embeds, full, atol=1e-6, rtol=0)
-        first = lm(inputs_embeds=embeds[:, :-1], attention_mask=mask[:, :-1], **{key: DynamicCache()})
-        step = lm(inputs_embeds=embeds[:, -1:], attention_mask=mask, **{key: first[key]}).last_hidden_state
-    torch.testing.assert_close(step[:, 0], full[:, -1], atol=1e-5, rtol=0)
+        for pos in (None, positions(mask)):  # positions left to the model, or given as generate does
+            full = lm(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+            given = {} if pos is None else {"position_ids": pos[:, :-1]}
+            first = lm(inputs_embeds=embeds[:, :-1], attention_mask=mask[:, :-1], **given, **{key: DynamicCache()})
+            given = {} if pos is None else {"position_ids": pos[:, -1:]}
+            step = lm(inputs_embeds=embeds[:, -1:], attention_mask=mask, **given, **{key: first[key]})
+            torch.testing.assert_close(step.last_hidden_state[:, 0], full[:, -1], atol=1e-5, rtol=0)
 
 
 def test_gradient_checkpointing_and_4d_masks_are_refused(tiny_llava_dir):
