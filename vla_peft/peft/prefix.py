@@ -125,7 +125,9 @@ def _is_fresh(cache) -> bool:
 
 def _input_shape(kwargs: dict) -> tuple[int, int]:
     source = kwargs.get("inputs_embeds")
-    source = source if source is not None else kwargs["input_ids"]
+    source = source if source is not None else kwargs.get("input_ids")
+    if source is None:
+        raise ValueError("the language model needs input_ids or inputs_embeds; neither was given")
     return source.shape[0], source.shape[1]
 
 
@@ -225,6 +227,7 @@ class SoftPrompt(PeftModule):
         self._added = 0
         if self.enabled and _is_fresh(cache):
             _check_mask(kwargs.get("attention_mask"), "prompt")
+            _input_shape(kwargs)
             embeds = kwargs.pop("inputs_embeds", None)
             if embeds is None:
                 embeds = lm.get_input_embeddings()(kwargs.pop("input_ids"))
