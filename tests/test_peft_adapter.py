@@ -95,6 +95,7 @@ def test_pattern_matching_nothing_names_nearest_modules(tiny_llava_dir):
         inject_adapters(model, AdapterConfig(targets={"language": [r"layers\.0\.mpl"]}))
 
 
+@pytest.mark.slow  # loading the NF4 base takes seconds on the CPU
 def test_adapters_in_a_4bit_base_train_in_float32(tiny_llava_dir):
     pytest.importorskip("bitsandbytes")
     model, _ = load_vlm(tiny_llava_dir, load_in_4bit=True)

@@ -196,3 +196,15 @@ def test_saves_and_loads_through_the_public_api(tiny_llava_dir, tmp_path):
         assert torch.equal(fresh(**inputs).logits, expected)
         set_peft_enabled(fresh, False)
         assert torch.equal(fresh(**inputs).logits, base(**inputs).logits)
+
+
+@pytest.mark.slow  # loading the NF4 base takes seconds on the CPU
+def test_trains_and_generates_over_a_4bit_base(tiny_llava_dir):
+    pytest.importorskip("bitsandbytes")
+    model, _ = load_vlm(tiny_llava_dir, load_in_4bit=True)
+    (module,) = inject_prompt(model, PromptConfig(length=M))
+    inputs = image_prompt(model, SEQUENCES[0])
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert all(p.dtype == torch.float32 and p.grad is not None for p in module.parameters())
+    with torch.no_grad():
+        assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] > inputs["input_ids"].shape[1]
