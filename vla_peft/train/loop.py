@@ -91,6 +91,8 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True) -> TrainR
     cfg = run.train
     if not torch.cuda.is_available():
         torch.set_flush_denormal(True)  # denormals slowed CPU training 4-5x after ~100 steps (NOTES.md)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg.mixed_precision))
     out = Path(cfg.output_dir)
     checkpoints = list_checkpoints(out)
