@@ -117,8 +117,10 @@ def hf_peft_baseline(base: Path, batch_size: int, steps: int) -> dict:
     return {"seconds_per_step": time_steps(step, steps), "trainable": sum(p.numel() for p in params)}
 
 
-def run_one(name: str, base: Path, batch_size: int, steps: int) -> None:
+def run_one(name: str, base: Path, batch_size: int, steps: int, threads: int | None) -> None:
     torch.set_flush_denormal(True)
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     result = hf_peft_baseline(base, batch_size, steps) if name == "hf-peft-lora" else ours(name, base, batch_size, steps)
     result.update(samples_per_s=batch_size / result["seconds_per_step"], peak_mb=peak_memory_mb())
@@ -130,10 +132,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--base", default=None, help="a base checkpoint (default: the tiny LLaVA, built here)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a busy machine)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        return run_one(args.one, Path(args.base), args.batch, args.steps)
+        return run_one(args.one, Path(args.base), args.batch, args.steps, args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         base = args.base
         if base is None:
@@ -141,15 +144,17 @@ def main() -> None:
 
             base = save_tiny_llava(Path(tmp) / "tiny", seed=0)
         rows = {}
+        threads = ["--threads", str(args.threads)] if args.threads else []
         for name in ["hf-peft-lora", *METHODS]:
             out = subprocess.run([sys.executable, __file__, "--one", name, "--base", str(base), "--batch",
-                                  str(args.batch), "--steps", str(args.steps)], capture_output=True, text=True)
+                                  str(args.batch), "--steps", str(args.steps), *threads], capture_output=True, text=True)
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
             if not line:
                 raise RuntimeError(f"{name} failed:\n{out.stderr[-2000:]}")
             rows[name] = json.loads(line[0][7:])
     ref = rows["hf-peft-lora"]["samples_per_s"]
-    print(f"batch {args.batch}, {args.steps} timed steps, device {'cuda' if torch.cuda.is_available() else 'cpu'}")
+    device = "cuda" if torch.cuda.is_available() else f"cpu, {args.threads or torch.get_num_threads()} thread(s)"
+    print(f"batch {args.batch}, {args.steps} timed steps, {device}")
     print(f"{'method':<14} {'trainable':>10} {'samples/s':>10} {'vs hf-peft':>11} {'peak MB':>9}")
     for name, r in rows.items():
         print(f"{name:<14} {r['trainable']:>10,} {r['samples_per_s']:>10.1f} {r['samples_per_s'] / ref:>10.2f}x "
