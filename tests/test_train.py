@@ -206,3 +206,12 @@ def test_two_process_data_parallel_matches_single_process(tiny_llava_dir, demos,
     assert summary["processes"] == 2  # the count it actually got
     ddp, single = losses(tmp_path / "ddp"), losses(tmp_path / "single")
     np.testing.assert_allclose([ddp[s] for s in range(1, 5)], [single[s] for s in range(1, 5)], rtol=1e-3)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tiny_llava_dir, demos, tmp_path):
+    train(run_config(tiny_llava_dir, demos, tmp_path / "plain", steps=2), progress=False)
+    result = train(run_config(tiny_llava_dir, demos, tmp_path / "ckpt", steps=2, gradient_checkpointing=True),
+                   progress=False)
+    assert result.policy.vlm.model.language_model.gradient_checkpointing
+    plain, ckpt = losses(tmp_path / "plain"), losses(tmp_path / "ckpt")
+    np.testing.assert_allclose([ckpt[1], ckpt[2]], [plain[1], plain[2]], rtol=1e-5)

@@ -107,8 +107,12 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True) -> TrainR
     train_set, val_set = build_datasets(data_config)
     fit_policy_to_data(run, train_set)
     policy = VLAPolicy.from_config(run.policy, run.method, normalizers=train_set.normalizers)
-    if cfg.gradient_checkpointing:
-        policy.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:  # the method's name changed within transformers 5.x
+        enable = getattr(policy.vlm, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            policy.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     named = {n: p for n, p in policy.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(list(named.values()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
