@@ -5,9 +5,14 @@ import pytest
 import torch
 
 from policy_synth import IMAGE_SIZE, write_demos
+from pathlib import Path
+
 from vla_peft.data import DataConfig, build_datasets
+from vla_peft.peft.config import load_method_config
 from vla_peft.policy import PolicyConfig, VLAPolicy
 from vla_peft.policy.heads import DiscreteHead
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +25,11 @@ def datasets(demos):
     return build_datasets(DataConfig(paths=[str(demos)], chunk_size=4, val_fraction=0.2))
 
 
-def make_policy(tiny_llava_dir, datasets, **overrides):
+def make_policy(tiny_llava_dir, datasets, method=None, **overrides):
     config = PolicyConfig(base=str(tiny_llava_dir), image_size=IMAGE_SIZE, state_dim=5, chunk_size=4, **overrides)
     torch.manual_seed(0)
-    return VLAPolicy.from_config(config, normalizers=datasets[0].normalizers)
+    method = None if method is None else load_method_config(REPO / "configs" / "peft" / f"{method}.yaml")
+    return VLAPolicy.from_config(config, method, normalizers=datasets[0].normalizers)
 
 
 def raw_obs(demos, demo=0, t=3, instruction="reach the red cube"):
@@ -50,8 +56,15 @@ def test_hand_built_inputs_equal_llava_builtin_route(tiny_llava_dir, datasets):
     torch.testing.assert_close(ours, builtin, atol=1e-5, rtol=1e-5)
 
 
-def test_padded_batch_gives_each_samples_own_result(tiny_llava_dir, datasets, demos):
-    policy = make_policy(tiny_llava_dir, datasets)
+@pytest.mark.parametrize("method", [None, "prompt", "prefix"])
+def test_padded_batch_gives_each_samples_own_result(method, tiny_llava_dir, datasets, demos):
+    """Left padding with explicit positions: a sample's output does not depend on its batch mates,
+    also when prompt or prefix tuning add tokens or keys of their own."""
+    policy = make_policy(tiny_llava_dir, datasets, method)
+    with torch.no_grad():  # move the soft tokens / prefixes away from their initial values
+        for param in policy.vlm.parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn_like(param))
     a, b = raw_obs(demos, 0, 2, "reach the red cube"), raw_obs(demos, 1, 5, "touch the red block now please")
     batch = {k: (np.stack([a[k], b[k]]) if k != "instruction" else [a[k], b[k]]) for k in a}
     together = policy.predict_chunk(batch, binarize_gripper=False)

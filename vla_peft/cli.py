@@ -29,7 +29,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     run = load_run_config(args.config, args.overrides)
     try:
-        summary = train(run, resume=args.resume)
+        summary = train(run, resume=args.resume).summary
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -92,6 +92,17 @@ def add_data_commands(sub) -> None:
     lerobot.set_defaults(func=cmd_import_lerobot)
 
 
+def cmd_pretrain_base(args: argparse.Namespace) -> int:
+    """Pretrain the tiny base VLM on simulator captions and grounding questions."""
+    from vla_peft.pretrain.train import PretrainConfig, format_report, pretrain
+
+    cfg = PretrainConfig(steps=args.steps, seed=args.seed)
+    report = pretrain(args.out, cfg, resume=args.resume, minutes=args.minutes, threads=args.threads)
+    print(format_report(report))
+    print(f"checkpoint: {args.out} (load with vla_peft.models.load_vlm; inputs via vla_peft.models.load_image_norm)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-peft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     add_data_commands(sub)
+    pre = sub.add_parser("pretrain-base", help="pretrain the tiny CPU base VLM on simulator scenes (no actions)")
+    pre.add_argument("--out", required=True, help="checkpoint directory to write")
+    pre.add_argument("--steps", type=int, default=1500, help="training steps of batch 64 (default: 1500)")
+    pre.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this much training time")
+    pre.add_argument("--seed", type=int, default=0, help="seed of scenes, weights and batches (default: 0)")
+    pre.add_argument("--resume", action="store_true", help="continue the run already in --out")
+    pre.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    pre.set_defaults(func=cmd_pretrain_base)
     return parser
 
 

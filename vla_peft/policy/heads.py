@@ -35,8 +35,7 @@ class ContinuousHead(nn.Module):
 
     def loss(self, output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Masked L1: steps past the episode's end (mask False) count for nothing."""
-        weight = mask.to(output.dtype).unsqueeze(-1)
-        l1 = ((output - target).abs() * weight).sum() / (weight.sum() * self.action_dim).clamp(min=1)
+        l1 = masked_mean((output - target).abs(), mask)
         return {"loss": l1, "l1": l1.detach()}
 
 
@@ -80,9 +79,16 @@ class DiscreteHead(nn.Module):
     def loss(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Cross-entropy over bins on valid steps, plus token accuracy and the L1 of the decoded chunk."""
         bins = self.to_bins(target)
-        valid = mask.unsqueeze(-1).expand_as(bins)
-        ce = F.cross_entropy(logits[valid], bins[valid]) if valid.any() else logits.sum() * 0
+        ce = F.cross_entropy(logits.flatten(0, 2), bins.flatten(), reduction="none").view_as(bins)
         with torch.no_grad():
-            accuracy = (logits.argmax(-1) == bins)[valid].float().mean()
-            l1 = (self.decode(logits) - target).abs()[valid].mean()
-        return {"loss": ce, "token_accuracy": accuracy, "l1": l1}
+            accuracy = masked_mean((logits.argmax(-1) == bins).float(), mask)
+            l1 = masked_mean((self.decode(logits) - target).abs(), mask)
+        return {"loss": masked_mean(ce, mask), "token_accuracy": accuracy, "l1": l1}
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each sample's valid steps (all dimensions), then over the batch. Every sample
+    weighs the same, so the mean of per-process means equals the whole batch's mean (exact DDP)."""
+    weight = mask.to(values.dtype).unsqueeze(-1).expand_as(values)
+    per_sample = (values * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp(min=1)
+    return per_sample.mean()

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vla_peft.models.image_norm import load_image_norm
+
 # CLIP's statistics: used when a checkpoint ships no image processor.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -57,11 +59,7 @@ class PixelNormalizer(nn.Module):
     def __init__(self, cameras: list[str], model_size: int, processor=None, base_path: str | Path | None = None):
         super().__init__()
         self.model_size = model_size
-        norm = None
-        if base_path is not None and (Path(base_path) / "image_norm.safetensors").is_file():
-            from vla_peft.models.image_norm import load_image_norm
-
-            norm = load_image_norm(base_path)
+        norm = load_image_norm(base_path) if base_path is not None else None
         if norm is not None:
             missing = [c for c in cameras if c not in norm.means]
             if missing:

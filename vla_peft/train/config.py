@@ -46,6 +46,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     num_workers: int = 0
+    threads: int | None = None          # torch CPU threads; 1 is far faster when other jobs share the cores
     tensorboard: bool = False
 
     def __post_init__(self) -> None:

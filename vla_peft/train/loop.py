@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,12 +55,15 @@ def data_config_for(run: RunConfig) -> DataConfig:
 
 
 def fit_policy_to_data(run: RunConfig, train_set) -> None:
-    """Fill the policy's state size and image size from the data; refuse an action size that differs."""
+    """Fill the policy's state size, image size and evaluation crop from the data; refuse an action
+    size that differs."""
     if train_set.action_dim != run.policy.action_dim:
         raise ValueError(
             f"the dataset's actions have {train_set.action_dim} dimensions but policy.action_dim is "
             f"{run.policy.action_dim}: set policy.action_dim={train_set.action_dim} or use data recorded for this policy"
         )
+    data = train_set.config
+    run.policy.center_crop = data.crop_scale if data.augment else 1.0  # inference crops as evaluation does
     sample = train_set[0]
     state_dim, image_size = sample["state"].shape[-1], sample["images"].shape[-1]
     for name, value in (("state_dim", state_dim), ("image_size", image_size)):
@@ -76,11 +80,19 @@ def mixed_precision(choice: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def train(run: RunConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Train, checkpoint and write the bundle; returns the summary (also in ``summary.json``)."""
+@dataclass
+class TrainResult:
+    policy: VLAPolicy     # the trained policy, in memory
+    summary: dict         # also written to summary.json (empty on processes other than the main one)
+
+
+def train(run: RunConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train, checkpoint and write the bundle."""
     cfg = run.train
     if not torch.cuda.is_available():
         torch.set_flush_denormal(True)  # denormals slowed CPU training 4-5x after ~100 steps (NOTES.md)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg.mixed_precision))
     out = Path(cfg.output_dir)
     checkpoints = list_checkpoints(out)
@@ -95,8 +107,12 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     train_set, val_set = build_datasets(data_config)
     fit_policy_to_data(run, train_set)
     policy = VLAPolicy.from_config(run.policy, run.method, normalizers=train_set.normalizers)
-    if cfg.gradient_checkpointing:
-        policy.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:  # the method's name changed within transformers 5.x
+        enable = getattr(policy.vlm, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            policy.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     named = {n: p for n, p in policy.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(list(named.values()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
@@ -193,7 +209,7 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True) -> dict:
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
-    return summary
+    return TrainResult(policy, summary)
 
 
 @torch.no_grad()
