@@ -205,3 +205,18 @@ def test_key_map_reads_array_observations_renders_and_fixed_text():
     assert obs["agentview_rgb"].shape == (1, 8, 8, 3) and obs["agentview_rgb"].max() == 1
     assert obs["instruction"] == ["balance the pole"]
     assert key_map.to_dict()["ee_pos"] == "obs[:3]" and key_map.uses_render
+
+
+def test_config_file_with_flags_overriding_it(bundles, tmp_path, capsys):
+    import yaml
+
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(
+        {"env_id": THIRD_PARTY, "key_map": KEY_MAP, "episodes": 5, "seed": 7, "out": str(tmp_path / "from_yaml")}))
+    argv = ["eval", "--bundle", str(bundles["A"]), "--config", str(tmp_path / "eval.yaml"), "--episodes", "2",
+            "--no-progress"]
+    assert main(argv) == 0
+    info = json.loads((tmp_path / "from_yaml" / "eval_info.json").read_text())
+    assert [r["seed"] for r in info["results"]["per_episode"]] == [7, 8]
+    assert THIRD_PARTY in capsys.readouterr().out  # the summary table
+    assert main(["eval", "--bank", str(tmp_path), "--tasks", "Nope", "--no-progress"]) == 2
+    assert "no bundle for task 'Nope'" in capsys.readouterr().err
