@@ -99,23 +99,23 @@ def evaluate_task(policy, task: str, config: EvalConfig, out: Path) -> tuple[dic
         raise ValueError(f"no gymnasium environment registered as {env_id!r}; pass a registered id with --env-id "
                          "(or 'module:Id-v0' to import the module that registers it)")
     vec = make_vector_env(env_id, kwargs, min(config.num_envs, config.episodes), asynchronous=config.asynchronous)
+    videos: dict[int, str] = {}
     try:
         if config.max_steps is None and _time_limit(vec) is None:
             raise ValueError(f"{env_id} has no time limit (max_episode_steps); pass --max-steps")
-        seeds = [config.seed + j for j in range(config.episodes)]
-        episodes, timing = run_episodes(policy, vec, seeds, key_map, videos=config.videos,
-                                        max_steps=config.max_steps, progress=config.progress, desc=task)
         target_hz = _control_hz(vec)
-    finally:
-        vec.close()
-    rows = []
-    for episode in episodes:
-        row = {"task": task, **episode.row(), "video": None}
-        if episode.frames:
+
+        def write_video(episode) -> None:  # as each filmed episode ends, so frames never pile up
             name = f"videos/{_safe(task)}_ep{episode.index:03d}.{config.video_format}"
             save_video(episode.frames, out / name, fps=int(target_hz or 10))
-            row["video"] = name
-        rows.append(row)
+            videos[episode.index] = name
+
+        seeds = [config.seed + j for j in range(config.episodes)]
+        episodes, timing = run_episodes(policy, vec, seeds, key_map, videos=config.videos, on_video=write_video,
+                                        max_steps=config.max_steps, progress=config.progress, desc=task)
+    finally:
+        vec.close()
+    rows = [{"task": task, **episode.row(), "video": videos.get(episode.index)} for episode in episodes]
     summary = {"env_id": env_id, **summarise(rows)}
     return summary, rows, _timing_dict(timing, target_hz, config)
 
@@ -243,10 +243,10 @@ def _safe(name: str) -> str:
 
 
 def _json_default(value):
-    if isinstance(value, (np.generic,)):
+    if isinstance(value, np.generic):
         return value.item()
-    if isinstance(value, (Path, tuple)):
-        return str(value) if isinstance(value, Path) else list(value)
+    if isinstance(value, Path):
+        return str(value)
     raise TypeError(f"cannot write {type(value).__name__} to eval_info.json")
 
 

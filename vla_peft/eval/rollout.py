@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, AsyncVectorEnv, SyncVectorEnv
@@ -29,7 +30,8 @@ class Episode:
     length: int = 0
     ret: float = 0.0
     error: str | None = None
-    frames: list[np.ndarray] | None = None
+    frames: list[np.ndarray] | None = None   # captioned video frames (filmed episodes only)
+    last_frame: np.ndarray | None = None      # the newest raw frame, re-captioned with the outcome at the end
 
     def row(self) -> dict:
         return {"episode": self.index, "seed": self.seed, "success": self.success, "length": self.length,
@@ -121,13 +123,15 @@ def run_episodes(
     seeds: list[int],
     key_map: KeyMap,
     videos: int = 0,
+    on_video: Callable[[Episode], None] | None = None,
     max_steps: int | None = None,
     progress: bool = True,
     desc: str = "eval",
 ) -> tuple[list[Episode], Timing]:
     """Run ``len(seeds)`` episodes of ``policy`` (anything with ``predict_chunk`` on a batched
     observation and a ``config`` with the chunking fields) in vector env ``vec``. The first
-    ``videos`` episodes keep captioned frames."""
+    ``videos`` episodes are filmed: ``on_video(episode)`` receives each as it ends, with its
+    captioned ``frames``, which are dropped afterwards."""
     num = vec.num_envs
     queues = ActionQueues(num, policy.config)
     view = SlotView(vec)
@@ -139,11 +143,13 @@ def run_episodes(
     flag_seen = False
 
     def finish(slot: int) -> None:
-        nonlocal flag_seen
         episode = slot_episode[slot]
-        if episode.frames is not None:
+        if episode.frames:
             mark = "success" if episode.success else ("error" if episode.error else "failed")
-            episode.frames[-1] = captioned(view_frame_raw[slot], episode.instruction, f"step {episode.length}  {mark}")
+            episode.frames[-1] = captioned(episode.last_frame, episode.instruction, f"step {episode.length}  {mark}")
+            if on_video is not None:
+                on_video(episode)
+            episode.frames, episode.last_frame = None, None
         slot_episode[slot] = None
         bar.update(1)
 
@@ -177,13 +183,10 @@ def run_episodes(
                 record(s)
         return failed
 
-    view_frame_raw: dict[int, np.ndarray] = {}
-
     def record(slot: int) -> None:
         episode = slot_episode[slot]
-        raw = key_map.frame(view, slot)
-        view_frame_raw[slot] = raw
-        episode.frames.append(captioned(raw, episode.instruction, f"step {episode.length}"))
+        episode.last_frame = key_map.frame(view, slot)
+        episode.frames.append(captioned(episode.last_frame, episode.instruction, f"step {episode.length}"))
 
     t_start = time.perf_counter()
     try:
