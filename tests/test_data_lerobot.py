@@ -169,9 +169,12 @@ def test_import_lerobot_v30_video(tmp_path):
     _check_import(tmp_path / "out.hdf5", tables, frames, exact_images=False)
 
 
-def test_import_lerobot_v21_images(tmp_path):
+def test_import_lerobot_v21_images_through_the_cli(tmp_path, capsys):
+    from vla_peft.cli import main
+
     tables, frames = make_v21_images(tmp_path / "src")
-    import_lerobot(tmp_path / "src", tmp_path / "out.hdf5", progress=False)
+    assert main(["import-lerobot", str(tmp_path / "src"), str(tmp_path / "out.hdf5")]) == 0
+    assert "imported 2 episodes, 10 frames, cameras ['top'] (LeRobot v2.1)" in capsys.readouterr().out
     _check_import(tmp_path / "out.hdf5", tables, frames, exact_images=True)
 
 

@@ -44,6 +44,54 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_collect(args: argparse.Namespace) -> int:
+    """Collect scripted-expert demonstrations into one HDF5 file."""
+    import signal
+
+    from vla_peft.data.collect import CollectConfig, collect, format_summary
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` unwinds like Ctrl-C: no partial file is left
+    config = CollectConfig(
+        task=args.task, episodes=args.episodes, out=args.out, image_size=args.image_size, cameras=tuple(args.cameras),
+        seed=args.seed, workers=args.workers, keep_failed=args.keep_failed, max_attempts=args.max_attempts,
+    )
+    summary = collect(config)
+    print(format_summary(summary))
+    if summary["episodes_kept"] < args.episodes:
+        print(f"warning: only {summary['episodes_kept']} of {args.episodes} episodes kept; raise --max-attempts")
+    return 0
+
+
+def cmd_import_lerobot(args: argparse.Namespace) -> int:
+    """Convert a local LeRobotDataset directory into the HDF5 layout."""
+    from vla_peft.data.lerobot import import_lerobot
+
+    summary = import_lerobot(args.src, args.out)
+    print(
+        f"imported {summary['episodes']} episodes, {summary['frames']} frames, cameras {summary['cameras']} "
+        f"(LeRobot {summary['version']}) -> {args.out} ({summary['bytes'] / 1e6:.1f} MB)"
+    )
+    return 0
+
+
+def add_data_commands(sub) -> None:
+    collect = sub.add_parser("collect", help="record scripted-expert demonstrations to HDF5 (robomimic/LIBERO layout)")
+    collect.add_argument("--task", required=True, help="Reach, Push, PickPlace, Stack (or a full gymnasium id)")
+    collect.add_argument("--episodes", type=int, required=True, help="number of episodes to keep")
+    collect.add_argument("--out", required=True, help="output .hdf5 file (written atomically)")
+    collect.add_argument("--image-size", type=int, default=96, help="camera image side in pixels (default: 96)")
+    collect.add_argument("--cameras", nargs="+", default=["agentview", "wrist"], help="cameras to record (default: agentview wrist)")
+    collect.add_argument("--seed", type=int, default=0, help="episode i is reset with seed+i (default: 0)")
+    collect.add_argument("--workers", type=int, default=1, help="parallel worker processes (default: 1)")
+    collect.add_argument("--keep-failed", action="store_true", help="keep episodes where the expert failed too (default: only successes)")
+    collect.add_argument("--max-attempts", type=int, default=None, help="episodes to try at most (default: 3 x episodes + 10)")
+    collect.set_defaults(func=cmd_collect)
+    lerobot = sub.add_parser("import-lerobot", help="convert a local LeRobotDataset (v2.1 or v3.0) directory to HDF5")
+    lerobot.add_argument("src", help="root of the LeRobot dataset (holds meta/info.json)")
+    lerobot.add_argument("out", help="output .hdf5 file (written atomically)")
+    lerobot.set_defaults(func=cmd_import_lerobot)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-peft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=500 method.r=8")
     train.set_defaults(func=cmd_train)
+    add_data_commands(sub)
     return parser
 
 

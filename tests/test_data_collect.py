@@ -1,0 +1,105 @@
+"""Collecting from the MuJoCo tasks: round trip against a fresh rollout, replay, interruption, the CLI."""
+
+import h5py
+import numpy as np
+import pytest
+
+from vla_peft.cli import main
+from vla_peft.data import DemoFile, DemoFileError
+from vla_peft.data import collect as collect_module
+from vla_peft.data.collect import CollectConfig, collect, make_env, replay, run_episode
+
+
+@pytest.fixture(scope="module")
+def reach_file(tmp_path_factory):
+    out = tmp_path_factory.mktemp("collect") / "reach.hdf5"
+    summary = collect(CollectConfig(task="Reach", episodes=2, out=str(out), image_size=32, seed=7), progress=False)
+    return out, summary
+
+
+def test_collected_demos_match_a_fresh_rollout(reach_file):
+    out, summary = reach_file
+    assert summary["episodes_kept"] == 2 and summary["success_rate"] == 1.0
+    env = make_env("Reach", 32, ("agentview", "wrist"))
+    try:
+        with DemoFile(out) as f:
+            assert f.env_args["env_name"] == "vla_peft/Reach-v0" and f.env_args["image_size"] == 32
+            assert f.env_args["camera_names"] == ["agentview", "wrist"] and f.env_args["action_dim"] == 4
+            for demo, seed in zip(f.demos, (7, 8)):
+                stored = f.episode(demo)
+                fresh, success = run_episode(env, seed)
+                assert success and stored.attrs == {"seed": seed, "success": True}
+                assert stored.instruction == fresh.instruction and stored.instruction
+                np.testing.assert_array_equal(stored.actions, fresh.actions)
+                np.testing.assert_array_equal(stored.rewards, fresh.rewards)
+                np.testing.assert_array_equal(stored.dones, fresh.dones)
+                assert set(stored.obs) == {"agentview_rgb", "wrist_rgb", "ee_pos", "ee_vel", "gripper_states"}
+                for key, value in fresh.obs.items():
+                    np.testing.assert_array_equal(stored.obs[key], value)
+                assert stored.dones[-1] == 1 and stored.dones[:-1].sum() == 0
+    finally:
+        env.close()
+    with h5py.File(out, "r") as f:  # the summary's frames are the file's frames
+        assert f["data"].attrs["total"] == summary["frames"]
+
+
+def test_replaying_stored_actions_reproduces_success(reach_file):
+    out, _ = reach_file
+    for demo in ("demo_0", "demo_1"):
+        result = replay(out, demo)
+        assert result["success"] and result["ee_pos_gap"] == 0.0
+
+
+def test_replay_catches_actions_shifted_against_observations(reach_file, tmp_path):
+    """The check is sharp: a one-step shift between actions and observations is seen."""
+    out, _ = reach_file
+    shifted = tmp_path / "shifted.hdf5"
+    shifted.write_bytes(out.read_bytes())
+    with h5py.File(shifted, "r+") as f:
+        actions = f["data/demo_0/actions"]
+        actions[...] = np.concatenate([actions[1:], actions[-1:]])
+    assert replay(shifted, "demo_0")["ee_pos_gap"] > 1e-3
+
+
+def test_interrupted_collection_leaves_no_file(tmp_path, monkeypatch):
+    calls = []
+
+    def interrupted(env, seed):
+        calls.append(seed)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return run_episode(env, seed)
+
+    monkeypatch.setattr(collect_module, "run_episode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        collect(CollectConfig(task="Reach", episodes=3, out=str(tmp_path / "x.hdf5"), image_size=16), progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keep_failed_keeps_everything_tried(tmp_path, monkeypatch):
+    """With one step allowed no Reach episode succeeds: by default nothing is kept, with --keep-failed all are."""
+    import gymnasium as gym
+
+    out = tmp_path / "all.hdf5"
+    real = collect_module.make_env
+
+    def one_step_env(task, image_size, cameras):
+        return gym.wrappers.TimeLimit(real(task, image_size, cameras).unwrapped, max_episode_steps=1)
+
+    monkeypatch.setattr(collect_module, "make_env", one_step_env)
+    with pytest.raises(DemoFileError, match="no episodes to write"):
+        collect(CollectConfig(task="Reach", episodes=2, out=str(out), image_size=16, max_attempts=2), progress=False)
+    assert not out.exists()
+    summary = collect(CollectConfig(task="Reach", episodes=2, out=str(out), image_size=16, keep_failed=True), progress=False)
+    assert summary["episodes_kept"] == 2 and summary["success_rate"] == 0.0
+    with DemoFile(out) as f:
+        assert [f.episode(d).attrs["success"] for d in f.demos] == [False, False]
+
+
+def test_cli_collect_prints_a_summary(tmp_path, capsys):
+    out = tmp_path / "demos" / "reach.hdf5"
+    assert main(["collect", "--task", "Reach", "--episodes", "1", "--out", str(out), "--image-size", "16", "--cameras", "agentview"]) == 0
+    printed = capsys.readouterr().out
+    assert "kept 1 of 1 episodes (expert success 100.0%)" in printed and "kB/frame" in printed
+    with DemoFile(out) as f:
+        assert f.obs_keys() == ["agentview_rgb", "ee_pos", "ee_vel", "gripper_states"]

@@ -1,0 +1,197 @@
+"""Collect scripted-expert demonstrations from the MuJoCo tasks into one HDF5 file.
+
+Episode i is reset with seed `seed + i`; episodes are written in seed order whatever the
+number of workers, so the same command always writes the same file. The seed is stored with
+each demo, so replaying its actions from that seed reproduces it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from vla_peft.data.hdf5 import DemoWriter, Episode
+
+_worker_env = None  # one environment per worker process, built once
+
+
+@dataclass
+class CollectConfig:
+    task: str
+    episodes: int
+    out: str
+    image_size: int = 96
+    cameras: tuple[str, ...] = ("agentview", "wrist")
+    seed: int = 0
+    workers: int = 1
+    keep_failed: bool = False
+    max_attempts: int | None = None  # default: 3 x episodes (+ 10)
+
+
+def make_env(task: str, image_size: int, cameras: tuple[str, ...]):
+    import gymnasium as gym
+
+    import envs  # noqa: F401  (registers the tasks)
+
+    env_id = task if "/" in task else f"vla_peft/{task}-v0"
+    if env_id not in gym.registry:
+        known = sorted(name for name in gym.registry if name.startswith("vla_peft/"))
+        raise ValueError(f"unknown task {task!r}; available: {known}")
+    return gym.make(env_id, image_size=image_size, cameras=tuple(cameras), terminate_on_success=True)
+
+
+def run_episode(env, seed: int) -> tuple[Episode, bool]:
+    """Roll the scripted expert out from `seed` until success or the step limit."""
+    import envs
+
+    expert = envs.make_expert(env)
+    obs, info = env.reset(seed=seed)
+    observations: dict[str, list] = {key: [] for key in obs}
+    actions, rewards, dones = [], [], []
+    while True:
+        action = np.asarray(expert(obs), dtype=np.float32)
+        for key, value in obs.items():
+            observations[key].append(value)
+        actions.append(action)
+        obs, reward, terminated, truncated, info = env.step(action)
+        success = bool(info["is_success"])
+        rewards.append(reward)
+        dones.append(terminated or truncated or success)
+        if terminated or truncated:
+            break
+    episode = Episode(
+        actions=np.stack(actions),
+        obs={key: np.stack(values) for key, values in observations.items()},
+        instruction=info["instruction"],
+        rewards=np.asarray(rewards, np.float32),
+        dones=np.asarray(dones, np.uint8),
+        attrs={"seed": seed, "success": success},
+    )
+    return episode, success
+
+
+def _init_worker(task: str, image_size: int, cameras: tuple[str, ...]) -> None:
+    """Workers leave Ctrl-C and `kill` to the parent, which tears the pool down."""
+    global _worker_env
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _worker_env = make_env(task, image_size, cameras)
+
+
+def _worker_episode(seed: int) -> tuple[Episode, bool]:
+    return run_episode(_worker_env, seed)
+
+
+def env_args_for(env, config: CollectConfig) -> dict:
+    """The `env_args` attribute: enough to rebuild the environment the demos came from."""
+    import envs
+    import vla_peft
+
+    base = env.unwrapped
+    return {
+        "env_name": env.spec.id,
+        "type": "vla_peft",
+        "env_kwargs": {"image_size": config.image_size, "cameras": list(config.cameras)},
+        "task_name": base.task_name,
+        "image_size": config.image_size,
+        "control_hz": base.control_hz,
+        "camera_names": list(base.camera_names),
+        "action_dim": int(env.action_space.shape[0]),
+        "max_episode_steps": env.spec.max_episode_steps,
+        "gl_renderer": envs.gl_renderer_name(),
+        "toolkit_version": vla_peft.__version__,
+    }
+
+
+def collect(config: CollectConfig, progress: bool = True) -> dict:
+    """Write `config.episodes` kept episodes to `config.out`; return a summary dict.
+
+    Tries seeds seed, seed+1, ... until enough episodes are kept or `max_attempts` runs out.
+    """
+    if config.episodes < 1:
+        raise ValueError(f"--episodes must be at least 1, got {config.episodes}")
+    attempts_allowed = config.max_attempts or 3 * config.episodes + 10
+    seeds = range(config.seed, config.seed + attempts_allowed)
+    start = time.perf_counter()
+    env = make_env(config.task, config.image_size, config.cameras)
+    attempts = successes = 0
+    bar = tqdm(total=config.episodes, desc=f"collect {config.task}", unit="episode", disable=not progress)
+    pool = None
+    try:
+        with DemoWriter(config.out, env_args_for(env, config)) as writer:
+            if config.workers > 1:
+                env.close()
+                # spawn, not fork: a forked child can inherit a lock held by a GL or BLAS thread and hang
+                pool = multiprocessing.get_context("spawn").Pool(
+                    config.workers, _init_worker, (config.task, config.image_size, tuple(config.cameras))
+                )
+                results = pool.imap(_worker_episode, seeds)
+            else:
+                results = (run_episode(env, seed) for seed in seeds)
+            for episode, success in results:
+                attempts += 1
+                successes += success
+                if success or config.keep_failed:
+                    writer.add(episode)
+                    bar.update(1)
+                bar.set_postfix(success=f"{successes / attempts:.0%}")
+                if writer.num_episodes == config.episodes:
+                    break
+            kept, frames = writer.num_episodes, writer.num_frames
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        env.close()
+    seconds = time.perf_counter() - start
+    size = Path(config.out).stat().st_size
+    return {
+        "out": str(config.out),
+        "episodes_kept": kept,
+        "episodes_tried": attempts,
+        "success_rate": successes / attempts,
+        "frames": frames,
+        "bytes": size,
+        "bytes_per_frame": size / frames,
+        "seconds": seconds,
+    }
+
+
+def format_summary(summary: dict) -> str:
+    return (
+        f"kept {summary['episodes_kept']} of {summary['episodes_tried']} episodes "
+        f"(expert success {summary['success_rate']:.1%}), {summary['frames']} frames, "
+        f"{summary['bytes'] / 1e6:.1f} MB ({summary['bytes_per_frame'] / 1e3:.1f} kB/frame), "
+        f"{summary['seconds']:.1f} s -> {summary['out']}"
+    )
+
+
+def replay(path: str | Path, demo: str) -> dict:
+    """Re-run a stored demo's actions from its seed in a fresh environment.
+
+    Returns the final success and the largest gap between replayed and stored `ee_pos`:
+    zero when observations and actions were recorded in step.
+    """
+    from vla_peft.data.hdf5 import DemoFile
+
+    with DemoFile(path) as demo_file:
+        env_args = demo_file.env_args
+        episode = demo_file.episode(demo)
+    kwargs = env_args["env_kwargs"]
+    env = make_env(env_args["env_name"], kwargs["image_size"], tuple(kwargs["cameras"]))
+    try:
+        obs, info = env.reset(seed=int(episode.attrs["seed"]))
+        gap = 0.0
+        for t, action in enumerate(episode.actions):
+            gap = max(gap, float(np.abs(obs["ee_pos"] - episode.obs["ee_pos"][t]).max()))
+            obs, _, terminated, truncated, info = env.step(action)
+    finally:
+        env.close()
+    return {"success": bool(info["is_success"]), "steps": len(episode), "ee_pos_gap": gap}

@@ -1,0 +1,257 @@
+"""A torch Dataset over one or more demonstration files: images, state, instruction, action chunk.
+
+Every frame t of every episode is one sample. Low-dimensional arrays (actions, state) are
+read once and held normalised in memory; camera images stream from the HDF5 file (each
+worker process opens its own handle) unless `cache` loads them all up front.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vla_peft.data.augment import ImageAugment, to_float_chw
+from vla_peft.data.errors import DemoFileError
+from vla_peft.data.hdf5 import DemoFile
+from vla_peft.data.stats import Normalizer, Stats, compute_stats
+
+
+@dataclass
+class DataConfig:
+    """What to read from which files, and how to shape each sample."""
+
+    paths: list[str]
+    cameras: list[str] = field(default_factory=lambda: ["agentview"])
+    state_keys: list[str] = field(default_factory=lambda: ["ee_pos", "gripper_states"])
+    key_map: str | dict[str, str] = "auto"
+    chunk_size: int = 8
+    history: int = 1
+    action_norm: str = "q01_q99"
+    state_norm: str = "mean_std"
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    cache: bool = False
+    augment: bool = False
+    crop_scale: float = 0.9
+
+    def __post_init__(self) -> None:
+        if isinstance(self.paths, (str, Path)):
+            self.paths = [self.paths]
+        if not self.paths:
+            raise ValueError("DataConfig.paths is empty: give at least one demonstration file")
+        if self.chunk_size < 1 or self.history < 1:
+            raise ValueError(f"chunk_size and history must be >= 1, got {self.chunk_size} and {self.history}")
+
+
+def split_episodes(demos: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Split episode names into (train, val), the same for the same seed; val is never empty if asked for
+    and there are at least two episodes."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    order = np.random.default_rng(seed).permutation(len(demos))
+    n_val = round(len(demos) * val_fraction)
+    if val_fraction > 0 and len(demos) >= 2:
+        n_val = max(1, n_val)
+    val = {demos[i] for i in order[:n_val]}
+    return [d for d in demos if d not in val], [d for d in demos if d in val]
+
+
+@dataclass
+class _Episode:
+    file_index: int
+    demo: str
+    length: int
+    instruction: str
+    actions: np.ndarray  # (T, A) normalised
+    state: np.ndarray  # (T, S) normalised
+
+
+class DemoDataset(Dataset):
+    """Samples of one or more demonstration files (each file one task).
+
+    A sample is a dict:
+      images        float32 (cameras, history, 3, H, W) in [0, 1]
+      state         float32 (history, S)   normalised concatenation of `state_keys`
+      history_mask  bool (history,)        False for frames before the episode's start (copies of frame 0)
+      actions       float32 (chunk, A)     normalised actions t .. t+chunk-1
+      action_mask   bool (chunk,)          False past the episode's end (padded with its last action)
+      instruction   str
+      task_index, episode_index, frame_index   int
+    """
+
+    def __init__(
+        self,
+        config: DataConfig,
+        episodes: list[list[str]] | None = None,
+        train: bool = True,
+        normalizers: dict[str, Normalizer] | None = None,
+    ):
+        self.config = config
+        self.train = train
+        self.augment = ImageAugment(crop_scale=config.crop_scale) if config.augment else None
+        self.image_keys = [f"{camera}_rgb" for camera in config.cameras]
+        self.tasks = [Path(path).stem for path in config.paths]
+        self._file_keys: list[dict[str, str]] = []
+        raw: list[tuple[int, str, int, str, np.ndarray, np.ndarray]] = []
+        self.image_shape = None
+        self.action_dim = None
+        for file_index, path in enumerate(config.paths):
+            with DemoFile(path) as demo_file:
+                keys = demo_file.resolve(self.image_keys + list(config.state_keys), config.key_map)
+                chosen = demo_file.demos if episodes is None else episodes[file_index]
+                demo_file.check(keys, chosen)
+                self._check_consistent(demo_file, keys, chosen[0] if chosen else None)
+                self._file_keys.append(keys)
+                for demo in chosen:
+                    actions, state = read_low_dim(demo_file, demo, keys, config.state_keys)
+                    raw.append((file_index, demo, len(actions), demo_file.instruction(demo), actions, state))
+        self.normalizers = normalizers or dataset_normalizers(config, self._file_keys)
+        self.episodes = [
+            _Episode(f, d, n, text, self.normalizers["actions"].normalize(a), self.normalizers["state"].normalize(s))
+            for f, d, n, text, a, s in raw
+        ]
+        self._starts = np.cumsum([0] + [ep.length for ep in self.episodes])
+        self._handles: dict[int, DemoFile] = {}
+        self._pid = os.getpid()
+        self._images: list[dict[str, np.ndarray]] | None = None
+        if config.cache:
+            self._images = [
+                {key: self._file(ep.file_index).read(ep.demo, f"obs/{self._file_keys[ep.file_index][key]}") for key in self.image_keys}
+                for ep in self.episodes
+            ]
+            self.close()
+
+    def _check_consistent(self, demo_file: DemoFile, keys: dict[str, str], demo: str | None) -> None:
+        """All files of one dataset must share the action size and the image size."""
+        if demo is None:
+            return
+        action_dim = demo_file.shape(demo, "actions")[1]
+        shapes = {demo_file.shape(demo, f"obs/{keys[k]}")[1:] for k in self.image_keys}
+        if len(shapes) > 1:
+            raise DemoFileError(f"{demo_file.path}: {demo} cameras {self.image_keys} differ in size {shapes}; use one image size")
+        image_shape = shapes.pop() if shapes else None
+        if self.action_dim is not None and action_dim != self.action_dim:
+            raise DemoFileError(
+                f"{demo_file.path}: {demo} key 'actions' has {action_dim} dims but {self.config.paths[0]} has {self.action_dim}; "
+                "a multi-task dataset needs one action space"
+            )
+        if self.image_shape is not None and image_shape != self.image_shape:
+            raise DemoFileError(
+                f"{demo_file.path}: {demo} images are {image_shape} but {self.config.paths[0]} has {self.image_shape}; "
+                "collect every task with the same --image-size"
+            )
+        self.action_dim, self.image_shape = action_dim, image_shape
+
+    def _file(self, file_index: int) -> DemoFile:
+        if self._pid != os.getpid():  # forked into a DataLoader worker: HDF5 handles must not be shared
+            self._handles, self._pid = {}, os.getpid()
+        if file_index not in self._handles:
+            self._handles[file_index] = DemoFile(self.config.paths[file_index])
+        return self._handles[file_index]
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handles": {}}
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(episode number, frame) of a flat sample index."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range for {len(self)} samples")
+        episode = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return episode, index - int(self._starts[episode])
+
+    def __getitem__(self, index: int) -> dict:
+        episode_number, t = self.locate(index)
+        ep = self.episodes[episode_number]
+        history, chunk = self.config.history, self.config.chunk_size
+        first = max(0, t - history + 1)
+        pad_front = history - (t + 1 - first)
+        last = min(ep.length, t + chunk)
+        pad_back = chunk - (last - t)
+
+        cameras = []
+        for key in self.image_keys:
+            if self._images is not None:
+                frames = self._images[episode_number][key][first : t + 1]
+            else:
+                frames = self._file(ep.file_index).read(ep.demo, f"obs/{self._file_keys[ep.file_index][key]}", slice(first, t + 1))
+            frames = np.concatenate([np.repeat(frames[:1], pad_front, axis=0), frames]) if pad_front else frames
+            images = to_float_chw(frames)
+            if self.augment is not None:
+                images = self.augment.train(images) if self.train else self.augment.eval(images)
+            cameras.append(images)
+
+        state = ep.state[first : t + 1]
+        actions = ep.actions[t:last]
+        return {
+            "images": torch.stack(cameras),
+            "state": torch.from_numpy(np.concatenate([np.repeat(state[:1], pad_front, axis=0), state])),
+            "history_mask": torch.arange(history) >= pad_front,
+            "actions": torch.from_numpy(np.concatenate([actions, np.repeat(actions[-1:], pad_back, axis=0)])),
+            "action_mask": torch.arange(chunk) < chunk - pad_back,
+            "instruction": ep.instruction,
+            "task_index": ep.file_index,
+            "episode_index": episode_number,
+            "frame_index": t,
+        }
+
+
+def dataset_normalizers(config: DataConfig, file_keys: list[dict[str, str]] | None = None) -> dict[str, Normalizer]:
+    """Normalisers for `actions` and `state` from every demo of every file.
+
+    A single file that stores statistics (ours do) is not read again; otherwise the raw
+    arrays are read and reduced with numpy, so quantiles are exact across files.
+    """
+    stats = None
+    if len(config.paths) == 1:
+        with DemoFile(config.paths[0]) as demo_file:
+            keys = file_keys[0] if file_keys else demo_file.resolve(list(config.state_keys), config.key_map)
+            stored = demo_file.stored_stats()
+            wanted = ["actions"] + [f"obs/{keys[k]}" for k in config.state_keys]
+            if config.state_keys and all(key in stored for key in wanted):
+                stats = {"actions": stored["actions"], "state": Stats.concat([stored[key] for key in wanted[1:]])}
+    if stats is None:
+        actions, states = [], []
+        for file_index, path in enumerate(config.paths):
+            with DemoFile(path) as demo_file:
+                keys = file_keys[file_index] if file_keys else demo_file.resolve(list(config.state_keys), config.key_map)
+                for demo in demo_file.demos:
+                    a, s = read_low_dim(demo_file, demo, keys, config.state_keys)
+                    actions.append(a)
+                    states.append(s)
+        stats = {"actions": compute_stats(np.concatenate(actions)), "state": compute_stats(np.concatenate(states))}
+    return {"actions": Normalizer(stats["actions"], config.action_norm), "state": Normalizer(stats["state"], config.state_norm)}
+
+
+def read_low_dim(demo_file: DemoFile, demo: str, keys: dict[str, str], state_keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Raw float32 actions (T, A) and state (T, S): the state keys side by side, in the given order."""
+    actions = demo_file.read(demo, "actions").astype(np.float32)
+    parts = [demo_file.read(demo, f"obs/{keys[k]}").reshape(len(actions), -1) for k in state_keys]
+    state = np.concatenate(parts, axis=1) if parts else np.zeros((len(actions), 0))
+    return actions, state.astype(np.float32)
+
+
+def build_datasets(config: DataConfig) -> tuple[DemoDataset, DemoDataset | None]:
+    """Train and validation datasets split by episode within each file; both share one set of normalisers."""
+    train_demos, val_demos = [], []
+    for path in config.paths:
+        with DemoFile(path) as demo_file:
+            train, val = split_episodes(demo_file.demos, config.val_fraction, config.split_seed)
+        train_demos.append(train)
+        val_demos.append(val)
+    normalizers = dataset_normalizers(config)
+    train_set = DemoDataset(config, train_demos, train=True, normalizers=normalizers)
+    val_set = DemoDataset(config, val_demos, train=False, normalizers=normalizers) if any(val_demos) else None
+    return train_set, val_set
