@@ -99,6 +99,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from vla_peft.serve.server import is_loopback, load_bank, run_server
 
     token = args.token or os.environ.get("VLA_PEFT_SERVE_TOKEN") or None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if not is_loopback(args.host) and not token:  # refuse before the (slow) model load
         raise ValueError(f"--host {args.host} exposes the robot policy beyond this machine; set a shared token "
                          "(--token or VLA_PEFT_SERVE_TOKEN) or bind to 127.0.0.1")
@@ -148,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="concurrent connections, 503 above (default: 64)")
     serve.add_argument("--grace-s", type=float, default=10.0,
                        help="on SIGINT/SIGTERM, seconds requests in flight get to finish (default: 10)")
+    serve.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads for inference; 1 suits a machine shared with the robot's own "
+                            "processes (default: torch's choice)")
     serve.add_argument("--log-level", default="warning", help="uvicorn log level (default: warning)")
     serve.set_defaults(func=cmd_serve)
     return parser
