@@ -19,6 +19,8 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import signal
+import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -224,4 +226,16 @@ def run_server(bank: AdapterBank, host: str = "127.0.0.1", port: int = 8000, tok
     app = create_app(bank, token=token, max_request_bytes=max_request_bytes, max_batch=max_batch)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s,
                             limit_concurrency=max_connections, access_log=False)
-    uvicorn.Server(config).run()
+    # uvicorn shuts down gracefully on the first SIGINT/SIGTERM, then re-raises the signal to the
+    # handlers it found; these make that a normal return (exit code 0) instead of a kill.
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, _stopped) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stopped(signum, frame) -> None:
+    """The stop signal after uvicorn's graceful shutdown: nothing left to do."""
