@@ -42,3 +42,12 @@ def make_policy(base_dir, seed: int, lora: bool = True, vlm=None, processor=None
                 param.normal_(0.0, 0.2)
     policy.normalizers = normalizers(config.action_dim, config.state_dim)
     return policy.eval()
+
+
+def one_torch_thread():
+    """Run a test module's tiny models on one thread: at this size two threads mostly wait on each
+    other, and on a shared machine they wait much longer. Restores the setting afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

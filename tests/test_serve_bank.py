@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from eval_synth import make_policy
+from eval_synth import make_policy, one_torch_thread
 from vla_peft.models import load_vlm, save_tiny_llava
 from vla_peft.peft.lora import lora_layers
 from vla_peft.policy.bundle import BundleMismatchError, load_bundle, save_bundle
 from vla_peft.serve import AdapterBank
+
+
+one_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +131,31 @@ def test_unknown_name_and_duplicate_name_are_clear(tiny_llava_dir, bundles):
         bank.register("A", bundles["B"])
 
 
-@pytest.mark.slow
 def test_merged_mode_refuses_a_4bit_base(tiny_llava_dir):
     vlm, processor = load_vlm(tiny_llava_dir, load_in_4bit=True)
     with pytest.raises(ValueError, match="4-bit"):
         AdapterBank(vlm, processor, mode="merged")
     AdapterBank(vlm, processor, mode="unmerged")  # unmerged works on NF4
+
+
+def test_mixed_batch_equals_each_bundle_on_its_own_rows(tiny_llava_dir, bundles):
+    rng = np.random.default_rng(1)
+    obs = {
+        "agentview_rgb": rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8),
+        "ee_pos": rng.uniform(-0.2, 0.2, (3, 3)).astype(np.float32),
+        "gripper_states": rng.uniform(0, 0.05, (3, 2)).astype(np.float32),
+        "instruction": ["reach the red cube", "stack the small green cube on the big blue cube", "push it"],
+    }
+    names = ["A", "B", "A"]
+    bank = AdapterBank.from_base(tiny_llava_dir)
+    for name in ("A", "B"):
+        bank.register(name, bundles[name])
+    bank.activate("B")
+    mixed = bank.predict_mixed(obs, names, binarize_gripper=False)
+    assert bank.active == "B" and bank.vlm.lora_active_adapter.name == "B"
+    for row, name in enumerate(names):
+        single = {k: v[row] for k, v in obs.items()}
+        np.testing.assert_allclose(mixed[row], act(bank.activate(name), single), atol=1e-5)
+    merged = AdapterBank.from_base(tiny_llava_dir, mode="merged")
+    with pytest.raises(ValueError, match="unmerged"):
+        merged.predict_mixed(obs, names)

@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "processes (default: torch's choice)")
     serve.add_argument("--log-level", default="warning", help="uvicorn log level (default: warning)")
     serve.set_defaults(func=cmd_serve)
+    from vla_peft.eval.command import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

@@ -5,7 +5,8 @@ reads (``agentview_rgb``, ``ee_pos``, ...) plus ``instruction``, ``success`` and
 (the frame recorded in videos). A source is one of
 
     obs:<key>          an observation entry (``obs:`` may be left out); ``a/b`` reaches into
-                       nested dict observations; ``[i:j]`` slices the last axis (``obs:state[0:3]``)
+                       nested dict observations; ``[i:j]`` slices the last axis (``obs:state[0:3]``);
+                       ``obs`` alone is the whole observation (envs whose observation is one array)
     info:<key>         an entry of the ``info`` dict of the last reset/step
     attr:<name>        an attribute of the environment (``env.unwrapped.<name>`` via gymnasium)
     render             ``env.render()`` (the env is made with ``render_mode="rgb_array"``)
@@ -42,10 +43,12 @@ class Source:
     def parse(cls, text: str, name: str) -> Source:
         if not isinstance(text, str) or not text:
             raise KeyMapError(f"key map entry {name!r}: the source must be a non-empty string (got {text!r})")
-        if text == "render":
-            return cls("render")
+        if text in ("render", "obs"):
+            return cls(text)
         kind, sep, rest = text.partition(":")
-        if not sep or kind not in KINDS:
+        if text.startswith("obs["):  # the whole (array) observation, sliced
+            kind, rest = "obs", text[3:]
+        elif not sep or kind not in KINDS:
             kind, rest = "obs", text
         if kind == "text":
             return cls("text", rest)
@@ -55,14 +58,16 @@ class Source:
             rest = match.group(1)
             start = int(match.group(2)) if match.group(2) else None
             stop = int(match.group(3)) if match.group(3) else None
-        if not rest:
+        if not rest and not (kind == "obs" and match):
             raise KeyMapError(f"key map entry {name!r}: source {text!r} names no key; write e.g. 'obs:pixels'")
         return cls(kind, rest, start, stop)
 
     def __str__(self) -> str:
-        if self.kind in ("render",):
-            return "render"
         cut = "" if self.start is None and self.stop is None else f"[{self.start or ''}:{self.stop or ''}]"
+        if self.kind == "render":
+            return "render"
+        if self.kind == "obs" and not self.key:
+            return f"obs{cut}"
         return f"{self.kind}:{self.key}{cut}"
 
 
@@ -114,7 +119,7 @@ class KeyMap:
             value = info[source.key]
         else:
             value = view.obs
-            path = source.key.split("/")
+            path = source.key.split("/") if source.key else []
             for depth, part in enumerate(path):
                 if not isinstance(value, dict) or part not in value:
                     have = sorted(value) if isinstance(value, dict) else type(value).__name__

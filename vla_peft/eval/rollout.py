@@ -129,7 +129,7 @@ def run_episodes(
         nonlocal flag_seen
         episode = slot_episode[slot]
         if episode.frames is not None:
-            mark = "success" if episode.success else ("error" if episode.error else "")
+            mark = "success" if episode.success else ("error" if episode.error else "failed")
             episode.frames[-1] = captioned(view_frame_raw[slot], episode.instruction, f"step {episode.length}  {mark}")
         slot_episode[slot] = None
         bar.update(1)
@@ -216,9 +216,10 @@ def run_episodes(
                     flag = key_map.success_of(infos[s], view, s)
                     if flag is None:
                         if not flag_seen:
+                            wanted = key_map.success or "info:is_success or info:success"
                             raise KeyMapError(
-                                f"the environment reports no success flag (its info has {sorted(infos[s])}); map one "
-                                "with --key-map '{\"success\": \"info:<key>\"}'"
+                                f"the environment reports no success flag {wanted} (its info has {sorted(infos[s])}); "
+                                "map the right one with --key-map '{\"success\": \"info:<key>\"}'"
                             )
                     else:
                         flag_seen = True

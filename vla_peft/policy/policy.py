@@ -221,11 +221,13 @@ class VLAPolicy(nn.Module):
             obs = {k: ([v] if k == "instruction" else np.asarray(v)[None]) for k, v in obs.items()}
         images, state, instructions = self.observation_inputs(obs)
         was_training = self.training
-        self.eval()
+        if was_training:  # train()/eval() walk every module (every resident adapter too): only when needed
+            self.eval()
         try:
             normalised = self.head.decode(self.head_output(images, state, instructions))
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
         actions = self.normalizers["actions"].unnormalize(normalised.float().cpu())
         grip = self.config.gripper_index
         if grip is not None and (self.config.binarize_gripper if binarize_gripper is None else binarize_gripper):

@@ -9,8 +9,9 @@ own parts that shares the base. ``activate(name)`` then switches all of them tog
   read (``vlm.lora_active_adapter.name``), so its cost does not grow with the number of
   bundles, and each bundle costs only its own parameters.
 - ``merged``: the active LoRA is folded into the base weights, so inference costs what the bare
-  base costs; switching unmerges the old update and merges the new one (full-precision bases
-  only: folding into NF4 weights would round them).
+  base costs; switching unmerges the old update and merges the new one, layer by layer (its
+  cost grows with the LoRA layers a bundle touches, not with the bundles resident). Full-precision
+  bases only: folding into NF4 weights would round them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from vla_peft.data.stats import load_normalizers
-from vla_peft.peft import LoraConfig, inject, load_adapter, merge_lora, unmerge_lora
+from vla_peft.peft import LoraConfig, inject, load_adapter
 from vla_peft.peft.lora import is_4bit, lora_layers
 from vla_peft.policy import PolicyConfig, VLAPolicy
 from vla_peft.policy.bundle import base_fingerprint, check_base, read_manifest
@@ -48,6 +49,7 @@ class AdapterBank:
         self.mode = mode
         self.policies: dict[str, VLAPolicy] = {}
         self.active: str | None = None
+        self._layers = list(lora_layers(vlm).values())  # walked once here, not at every switch
 
     @classmethod
     def from_base(cls, base: str | Path, dtype: str = "float32", load_in_4bit: bool = False,
@@ -96,6 +98,7 @@ class AdapterBank:
                 policy = self._from_disk(name, Path(bundle))
             policy.requires_grad_(False)
             self.vlm.requires_grad_(False)
+            self._layers = list(lora_layers(self.vlm).values())
         self.policies[name] = policy.eval()
         return policy
 
@@ -153,10 +156,12 @@ class AdapterBank:
         if name == self.active:
             return policy
         if self.mode == "merged":
-            unmerge_lora(self.vlm)
+            self._unmerge()
             self._set_lora(name)
             if policy.method_config is not None:
-                merge_lora(self.vlm)
+                for layer in self._layers:
+                    if name in layer.adapters:
+                        layer.merge(name)
         else:
             self._set_lora(name)
         self.active = name
@@ -164,9 +169,13 @@ class AdapterBank:
 
     def unmerge_all(self) -> None:
         """Restore the base weights (merged mode) and deactivate every bundle."""
-        unmerge_lora(self.vlm)
+        self._unmerge()
         self._set_lora(None)
         self.active = None
+
+    def _unmerge(self) -> None:
+        for layer in self._layers:
+            layer.unmerge()
 
     def _set_lora(self, name: str | None) -> None:
         holder = getattr(self.vlm, "lora_active_adapter", None)
@@ -179,7 +188,7 @@ class AdapterBank:
         """Registering injects into the LoRA layers, which must not hold a merged update meanwhile."""
         active = self.active
         if self.mode == "merged":
-            unmerge_lora(self.vlm)
+            self._unmerge()
         try:
             yield
         finally:
@@ -192,6 +201,13 @@ class AdapterBank:
     def predict_chunk(self, obs: dict, binarize_gripper: bool | None = None):
         """The active policy's ``predict_chunk``."""
         return self.policy.predict_chunk(obs, binarize_gripper=binarize_gripper)
+
+    def predict_mixed(self, obs: dict, names: list[str], binarize_gripper: bool | None = None):
+        """Action chunks for a batch whose row i is served by bundle ``names[i]``, in one language-model
+        forward (inference only, unmerged mode); see ``vla_peft.serve.mixed``."""
+        from vla_peft.serve.mixed import predict_mixed
+
+        return predict_mixed(self, obs, names, binarize_gripper)
 
     @property
     def config(self) -> PolicyConfig:
