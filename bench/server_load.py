@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from vla_peft.serve.client import PolicyClient, ServerError  # noqa: E402
 
@@ -37,32 +37,11 @@ OBSERVATIONS = 4  # distinct observations per task the clients draw from
 
 
 def tiny_bank(folder: Path) -> Path:
-    """Three freshly initialised LoRA bundles on the tiny base (random LoRA B, so the tasks differ)."""
-    import torch
+    """Three LoRA bundles on the tiny base whose actions differ (bench/tiny_bundles.py)."""
+    from tiny_bundles import make_bundles
+    from vla_peft.models import save_tiny_llava
 
-    from vla_peft.data.stats import Normalizer, Stats
-    from vla_peft.models import load_vlm, save_tiny_llava
-    from vla_peft.peft import LoraConfig
-    from vla_peft.policy import PolicyConfig, VLAPolicy
-    from vla_peft.policy.bundle import save_bundle
-
-    def normalizer(dim: int, scale: float) -> Normalizer:
-        lo, hi = -scale * np.ones(dim), scale * np.ones(dim)
-        return Normalizer(Stats(np.zeros(dim), np.ones(dim), lo, hi, lo.copy(), hi.copy(), 100), "min_max")
-
-    base = save_tiny_llava(folder / "base", seed=0)
-    targets = {"vision": [r"encoder\.layers\.\d+\.self_attn\.(q|v)_proj"], "language": [r"layers\.\d+\.self_attn\.(q|v)_proj"]}
-    for seed, task in enumerate(("reach", "push", "stack"), start=1):
-        vlm, processor = load_vlm(base)
-        torch.manual_seed(seed)
-        config = PolicyConfig(base=str(base), image_size=32, state_dim=5, chunk_size=4, execute_steps=2, head_width=64)
-        policy = VLAPolicy(config, vlm, processor, LoraConfig(r=4, alpha=8, targets=targets))
-        with torch.no_grad():
-            for name, param in vlm.named_parameters():
-                if "lora_B" in name and param.requires_grad:
-                    param.normal_(0.0, 0.2)
-        policy.normalizers = {"actions": normalizer(4, 1.0), "state": normalizer(5, 0.3)}
-        save_bundle(policy, folder / "bank" / task / "bundle")
+    make_bundles(save_tiny_llava(folder / "base", seed=0), folder / "bank", 3)
     return folder / "bank"
 
 
@@ -168,6 +147,12 @@ def main() -> int:
                     for seed, (task, info) in enumerate(sorted(tasks.items())[:3])}
             reference = {task: [client.act(o, w["instruction"], task=task).chunk for o in w["obs"]]
                          for task, w in work.items()}
+            # a wrong-task answer is only detectable if another task answers the same observation differently
+            gap = min(float(np.abs(client.act(o, w["instruction"], task=other).chunk - reference[task][k]).max())
+                      for task, w in work.items() for k, o in enumerate(w["obs"]) for other in work if other != task)
+            if gap <= 1e-3:
+                raise SystemExit(f"the tasks answer alike (smallest difference {gap:.2g}); wrong-task answers "
+                                 "would go unnoticed: use bundles that differ")
             rows, failed = [], False
             for n in args.clients:
                 before = client.metrics()
@@ -193,7 +178,8 @@ def main() -> int:
             proc.wait(60)
 
     print(f"\npolicy server on {LOOPBACK}, tasks {list(work)}, {args.seconds:g} s per run, "
-          f"at most {args.max_requests} requests, server threads {args.threads}")
+          f"at most {args.max_requests} requests, server threads {args.threads}; tasks differ by >= {gap:.3f} "
+          "on the same observation, answers are checked against each task's reference at 1e-4")
     head = f"{'clients':>7} {'requests':>8} {'req/s':>8} {'x N=1':>6} {'p50 ms':>8} {'p95 ms':>8} " \
            f"{'server p50':>10} {'batch':>6} {'errors':>6} {'5xx':>4} {'wrong-task':>10}"
     print(head)

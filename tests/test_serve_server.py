@@ -10,11 +10,12 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
+from eval_synth import one_torch_thread
 from serve_synth import TASKS, observation, threaded_server, write_bank
 from vla_peft.eval import EvalConfig, evaluate
 from vla_peft.policy.bundle import load_bundle
+from vla_peft.serve.batcher import TaskBatcher
 from vla_peft.serve.client import PolicyClient, RemotePolicy, ServerError
 from vla_peft.serve.remote_eval import evaluate_remote
 from vla_peft.serve.server import load_bank, run_server
@@ -23,13 +24,7 @@ from vla_peft.serve.wire import decode_array, encode_array, encode_image, encode
 MAX_BYTES = 64 * 1024  # a 32x32 frame is ~4 KB of base64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Inference on one thread: on a shared 2-core machine torch's thread pool can be 30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +125,24 @@ def test_concurrent_clients_mixing_tasks_get_their_own_task(client, url):
     for task, seed, tag, got in answers:
         assert (got.task, got.id) == (task, tag)
         np.testing.assert_allclose(got.chunk, reference[(task, seed)], atol=1e-5)
+
+
+def test_waiting_requests_of_different_tasks_share_one_mixed_batch(bank):
+    batcher = TaskBatcher(bank)
+    try:
+        gate = threading.Event()
+        batcher.call(lambda _: gate.wait(10))  # holds the worker while the requests queue up
+        jobs = [(task, seed) for seed in range(2) for task in TASKS]
+        futures = [batcher.submit(task, {**observation(seed), "instruction": "reach the red cube"})
+                   for task, seed in jobs]
+        gate.set()
+        answers = [f.result(30) for f in futures]
+    finally:
+        batcher.close()
+    assert {a.batch_size for a in answers} == {len(jobs)}  # one forward pass for all of them
+    for (task, seed), answer in zip(jobs, answers):
+        alone = bank.activate(task).predict_chunk({**observation(seed), "instruction": "reach the red cube"})
+        np.testing.assert_allclose(answer.chunk, alone, atol=1e-5)
 
 
 def test_activate_sets_the_default_task(client):

@@ -1,9 +1,10 @@
 """One worker thread owns the AdapterBank, so requests for different tasks never race a swap.
 
 Requests queue up while the worker is busy; each time it wakes it takes everything waiting
-(up to ``max_batch``), groups it by task, activates each task once and runs one batched
-forward pass per group. Concurrent clients of the same task therefore share forward passes,
-and a swap costs once per group instead of once per request.
+(up to ``max_batch``) and runs as few forward passes as it can: in an unmerged bank, requests
+whose tasks share inputs and outputs go into one mixed batch with each row's own adapter
+(``AdapterBank.predict_mixed``); in a merged bank (one task in the weights at a time) they are
+grouped by task, with one swap per group.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from vla_peft.serve.bank import AdapterBank
+from vla_peft.serve.mixed import SHARED_FIELDS
 from vla_peft.serve.wire import RequestError
 
 
@@ -99,18 +101,29 @@ class TaskBatcher:
             if job.fn is not None:
                 self._resolve([job], lambda: [job.fn(self.bank)])
             else:
-                groups.setdefault((job.task, job.binarize), []).append(job)
-        for (task, binarize), group in groups.items():
-            self._resolve(group, lambda: self._forward(task, binarize, group))
+                groups.setdefault(self._group_key(job), []).append(job)
+        for group in groups.values():
+            self._resolve(group, lambda: self._forward(group))
 
-    def _forward(self, task: str, binarize: bool | None, group: list[Job]) -> list[Answer]:
+    def _group_key(self, job: Job) -> tuple:
+        """Requests with the same key share one forward pass."""
+        if self.bank.mode != "unmerged":
+            return job.binarize, job.task
+        config = self.bank.policies[job.task].config
+        return job.binarize, tuple(repr(getattr(config, name)) for name in SHARED_FIELDS)
+
+    def _forward(self, group: list[Job]) -> list[Answer]:
         start = time.perf_counter()
-        policy = self.bank.activate(task)
         batch = {"instruction": [job.obs["instruction"] for job in group]}
         for key in group[0].obs:
             if key != "instruction":
                 batch[key] = np.stack([job.obs[key] for job in group])
-        chunks = policy.predict_chunk(batch, binarize_gripper=binarize)
+        tasks = [job.task for job in group]
+        binarize = group[0].binarize
+        if len(set(tasks)) == 1:
+            chunks = self.bank.activate(tasks[0]).predict_chunk(batch, binarize_gripper=binarize)
+        else:
+            chunks = self.bank.predict_mixed(batch, tasks, binarize_gripper=binarize)
         compute = time.perf_counter() - start
         return [Answer(chunk, len(group), start - job.queued, compute) for job, chunk in zip(group, chunks)]
 
