@@ -1,7 +1,7 @@
 """The robot side: a small client for the control loop, and a policy-like object over it.
 
-``PolicyClient`` keeps one HTTP/1.1 connection open (standard library only, so it runs on a
-robot computer without the model's dependencies beyond numpy). ``RemotePolicy`` looks like a
+``PolicyClient`` keeps one HTTP/1.1 connection open per thread (standard library http.client
+and numpy, no HTTP dependency). ``RemotePolicy`` looks like a
 ``VLAPolicy`` to the evaluator (``config`` and a batched ``predict_chunk``), so
 ``vla_peft.eval`` runs the same closed loop through the server as in process.
 """
