@@ -13,6 +13,7 @@ import pytest
 
 from eval_synth import one_torch_thread
 from serve_synth import TASKS, observation, threaded_server, write_bank
+from vla_peft.cli import build_parser, main
 from vla_peft.eval import EvalConfig, evaluate
 from vla_peft.policy.bundle import load_bundle
 from vla_peft.serve.batcher import TaskBatcher
@@ -248,3 +249,20 @@ def test_token_is_required_when_set(bank):
 def test_wider_host_without_token_is_refused(bank):
     with pytest.raises(ValueError, match="set a shared token"):
         run_server(bank, host="0.0.0.0", port=1)
+
+
+def test_serve_command_refuses_bad_setups_before_loading(bank_dir, tmp_path, capsys):
+    assert main(["serve", "--bank", str(bank_dir), "--host", "0.0.0.0"]) == 2
+    assert "set a shared token" in capsys.readouterr().err
+    assert main(["serve", "--bank", str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty" / "x").mkdir(parents=True)
+    assert main(["serve", "--bank", str(tmp_path / "empty")]) == 2
+    assert "no task bundles" in capsys.readouterr().err
+
+
+def test_serve_help_gives_every_option_a_default():
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    for action in serve._actions:
+        if action.option_strings and action.dest not in ("help", "bank"):
+            assert "(default:" in action.help, action.dest

@@ -109,7 +109,7 @@ def create_app(bank: AdapterBank, token: str | None = None, max_request_bytes: i
     async def json_body(request: Request) -> dict:
         try:
             body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
             raise RequestError(f"malformed body: not JSON ({err}); send a JSON object", status=400) from None
         if not isinstance(body, dict):
             raise RequestError("malformed body: the JSON must be an object", status=400)
@@ -128,7 +128,10 @@ def create_app(bank: AdapterBank, token: str | None = None, max_request_bytes: i
 
     @app.post("/activate")
     async def activate(request: Request):
-        task = task_of(await json_body(request))
+        body = await json_body(request)
+        if "task" not in body:
+            raise RequestError("missing field 'task': name the task to activate")
+        task = task_of(body)
         await asyncio.wrap_future(request.app.state.batcher.call(lambda b: b.activate(task)))
         state["default"] = task
         return {"active": task}
