@@ -230,6 +230,19 @@ def test_metrics_count_requests_errors_and_latency(client, url):
     assert 0 < after["act_latency_ms"]["p50"] <= after["act_latency_ms"]["p95"]
 
 
+def test_a_failure_inside_the_model_is_a_counted_500_and_the_server_goes_on(bank, client, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(bank.policies["head"], "predict_chunk", broken)
+    before = client.metrics()["server_errors"]
+    with pytest.raises(ServerError) as info:
+        client.act(observation(0), "reach the red cube", task="head")
+    assert info.value.status == 500
+    assert client.metrics()["server_errors"] == before + 1
+    assert client.act(observation(0), "reach the red cube", task="reach").task == "reach"
+
+
 def test_client_error_names_the_problem(client):
     with pytest.raises(ServerError, match="unknown task 'fly'") as info:
         client.activate("fly")

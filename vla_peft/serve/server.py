@@ -170,8 +170,12 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
 
+        started = False
+
         async def counted_send(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 self.metrics.record_status(message["status"])
             await send(message)
 
@@ -207,7 +211,12 @@ class Guard:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, counted_send)
+        try:
+            await self.app(scope, replay, counted_send)
+        except Exception:
+            if not started:  # the 500 is sent further out (Starlette's error middleware): count it here
+                self.metrics.record_status(500)
+            raise
 
 
 async def _reply(send, status: int, error: str) -> None:
