@@ -13,7 +13,9 @@ import threading
 import time
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
+from gymnasium import spaces
 
 from eval_synth import make_policy
 from vla_peft.policy.bundle import save_bundle
@@ -28,6 +30,40 @@ def write_bank(base_dir, folder: Path) -> Path:
     for task, seed in TASKS.items():
         save_bundle(make_policy(base_dir, seed, lora=task != "head"), folder / task / "bundle")
     return folder
+
+
+class ThresholdEnv(gym.Env):
+    """A gymnasium env with the policy's inputs whose success depends on the actions taken: the
+    episode succeeds when the first action dimension exceeds a threshold drawn from its seed, so
+    success differs between episodes and changes if the actions change."""
+
+    def __init__(self, image_size: int = 32) -> None:
+        self.observation_space = spaces.Dict({
+            "agentview_rgb": spaces.Box(0, 255, (image_size, image_size, 3), np.uint8),
+            "ee_pos": spaces.Box(-1, 1, (3,), np.float32),
+            "gripper_states": spaces.Box(-1, 1, (2,), np.float32)})
+        self.action_space = spaces.Box(-1, 1, (4,), np.float32)
+
+    def _obs(self):
+        return {k: self._rng.integers(0, 256, s.shape, dtype=np.uint8) if k.endswith("_rgb")
+                else self._rng.uniform(-0.2, 0.2, s.shape).astype(np.float32)
+                for k, s in self.observation_space.spaces.items()}
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self._rng = np.random.default_rng(seed)
+        self._threshold = self._rng.uniform(-0.15, 0.15)
+        return self._obs(), {"instruction": "reach the red cube", "is_success": False}
+
+    def step(self, action):
+        success = bool(action[0] > self._threshold)
+        return self._obs(), float(action[0]), success, False, {"instruction": "reach the red cube",
+                                                                "is_success": success}
+
+
+THRESHOLD_ENV = "serve_tests/Threshold-v0"
+if THRESHOLD_ENV not in gym.registry:
+    gym.register(THRESHOLD_ENV, entry_point=ThresholdEnv, max_episode_steps=4)
 
 
 def free_port() -> int:
