@@ -8,18 +8,13 @@ import tempfile
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Build the tiny LLaVA, load it back like a real checkpoint, inject a PEFT method into both
-    towers and the projector, and print the parameter report."""
-    from vla_peft import LoraConfig, inject, load_method_config, load_vlm, save_tiny_llava
+    """Collect, train one bundle per task on the frozen tiny base, evaluate with hot swaps, print the table."""
+    from vla_peft.demo import DEFAULT_METHOD, DemoConfig, format_report, run_demo
 
-    config = load_method_config(args.peft_config) if args.peft_config else LoraConfig()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = save_tiny_llava(tmp, seed=args.seed)
-        model, _ = load_vlm(path, load_in_4bit=getattr(config, "load_in_4bit", False))
-    report = inject(model, config)
-    method = "qlora" if getattr(config, "load_in_4bit", False) else config.method
-    print(f"tiny LLaVA (seed {args.seed}) + {method}:")
-    print(report)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    config = DemoConfig(tasks=tasks, method=args.method or str(DEFAULT_METHOD), base=args.base, out=args.out, seed=args.seed,
+                        quick=args.quick, overrides=args.overrides)
+    print(format_report(run_demo(config)))
     return 0
 
 
@@ -130,11 +125,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-peft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the end-to-end demo on the tiny CPU base")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the tiny base (default: 0)")
-    demo.add_argument(
-        "--peft-config", default=None, help="a method config YAML such as configs/peft/qlora.yaml (default: LoRA r=8)"
-    )
+    from vla_peft.demo import DEFAULT_TASKS
+
+    demo = sub.add_parser(
+        "demo", help="end-to-end demo: collect, train a LoRA bundle per task on one frozen base, evaluate with hot swaps",
+        description="Collect expert demonstrations, train one PEFT task bundle per task on the frozen tiny "
+                    "pretrained base, evaluate every bundle in closed loop by swapping it on one loaded base, "
+                    "and print one table. Per-task settings: configs/tasks/<task>.yaml.",
+        epilog="examples:\n  vla-peft demo\n  vla-peft demo --quick --out runs/smoke\n"
+               "  vla-peft demo --tasks Reach train.steps=800 eval.episodes=50 method.r=16\n"
+               "  vla-peft demo --method configs/peft/qlora.yaml --base path/to/llava",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                      help=f"comma-separated tasks, each with configs/tasks/<task>.yaml (default: {','.join(DEFAULT_TASKS)})")
+    demo.add_argument("--method", default=None,
+                      help="a PEFT method config from configs/peft/ (default: configs/peft/lora.yaml)")
+    demo.add_argument("--base", default=None,
+                      help="a base checkpoint directory or hub name (default: the tiny pretrained base, shipped or "
+                           "cached in ~/.cache/vla_peft/tiny_base, built once if neither)")
+    demo.add_argument("--out", default=None, help="output folder, must be new or empty (default: runs/demo-<timestamp>)")
+    demo.add_argument("--seed", type=int, default=0,
+                      help="seeds collection (episode i: seed+i), training, and evaluation (seed+1000+j) (default: 0)")
+    demo.add_argument("--quick", action="store_true",
+                      help="smoke run: a few episodes and steps per task, about 3 minutes (default: off)")
+    demo.add_argument("overrides", nargs="*",
+                      help="section.key=value for every task: collect.*, policy.*, method.*, data.*, train.*, "
+                           "eval.* (e.g. train.steps=800 eval.episodes=50) (default: none)")
     demo.set_defaults(func=cmd_demo)
     train = sub.add_parser("train", help="train a policy (PEFT + action head) on demonstrations")
     train.add_argument("--config", required=True, help="a run config, e.g. configs/train/reach_lora.yaml")
