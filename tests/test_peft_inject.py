@@ -78,11 +78,8 @@ def test_yaml_configs_load_with_overrides():
     assert LoraConfig.from_dict(lora.to_dict()) == lora
 
 
-def test_demo_injects_lora_into_both_towers_and_projector(capsys):
-    from vla_peft.cli import main
-
-    assert main(["demo"]) == 0
-    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.strip()}
+def test_default_lora_reaches_both_towers_and_projector(model):
+    rows = {line.split()[0]: line.split()[1:] for line in str(inject(model, LoraConfig())).splitlines() if line.strip()}
     for scope in ("vision", "projector", "language"):
         assert int(rows[scope][0].replace(",", "")) > 0, rows
     assert rows["other"][0] == "0"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
+from pathlib import Path
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -36,6 +36,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if summary["validation"]:
             print("validation: " + ", ".join(f"{k} {v:.4g}" for k, v in summary["validation"].items() if k != "step"))
         print(f"bundle: {summary['bundle']}")
+        print(f"summary: {Path(run.train.output_dir) / 'summary.json'}")
     return 0
 
 
@@ -54,6 +55,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     print(format_summary(summary))
     if summary["episodes_kept"] < args.episodes:
         print(f"warning: only {summary['episodes_kept']} of {args.episodes} episodes kept; raise --max-attempts")
+    print(f"summary: {write_summary(args.out, summary)}")
     return 0
 
 
@@ -66,7 +68,15 @@ def cmd_import_lerobot(args: argparse.Namespace) -> int:
         f"imported {summary['episodes']} episodes, {summary['frames']} frames, cameras {summary['cameras']} "
         f"(LeRobot {summary['version']}) -> {args.out} ({summary['bytes'] / 1e6:.1f} MB)"
     )
+    print(f"summary: {write_summary(args.out, summary)}")
     return 0
+
+
+def write_summary(data_file: str, summary: dict) -> Path:
+    """A data command's results as JSON beside its file: demos/x.hdf5 -> demos/x.json."""
+    from vla_peft.eval.evaluate import write_json_atomic
+
+    return write_json_atomic(Path(data_file).with_suffix(".json"), summary)
 
 
 def add_data_commands(sub) -> None:
@@ -95,7 +105,21 @@ def cmd_pretrain_base(args: argparse.Namespace) -> int:
     report = pretrain(args.out, cfg, resume=args.resume, minutes=args.minutes, threads=args.threads)
     print(format_report(report))
     print(f"checkpoint: {args.out} (load with vla_peft.models.load_vlm; inputs via vla_peft.models.load_image_norm)")
+    print(f"results: {Path(args.out) / 'pretrain_eval.json'}")
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """List the bench scripts, or run one and keep what it printed as JSON."""
+    from vla_peft.bench import available, format_list, run_bench
+
+    if not args.name:
+        print(format_list(available()))
+        return 0
+    out = Path(args.out or f"runs/bench/{args.name}.json")
+    result = run_bench(args.name, args.args, out)
+    print(f"bench {args.name}: exit {result['returncode']} after {result['seconds']:.0f} s; output saved in {out}")
+    return result["returncode"]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -153,9 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "eval.* (e.g. train.steps=800 eval.episodes=50) (default: none)")
     demo.set_defaults(func=cmd_demo)
     train = sub.add_parser("train", help="train a policy (PEFT + action head) on demonstrations")
-    train.add_argument("--config", required=True, help="a run config, e.g. configs/train/reach_lora.yaml")
-    train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
-    train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=500 method.r=8")
+    train.add_argument("--config", required=True, help="a run config, e.g. configs/train/reach_lora.yaml (required)")
+    train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in train.output_dir (default: off: start fresh)")
+    train.add_argument("overrides", nargs="*", help="section.key=value overrides of the config, e.g. train.steps=500 method.r=8 (default: none)")
     train.set_defaults(func=cmd_train)
     add_data_commands(sub)
     serve = sub.add_parser("serve", help="serve actions to robots over HTTP, switching task adapters on one base")
@@ -190,11 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain-base", help="pretrain the tiny CPU base VLM on simulator scenes (no actions)")
     pre.add_argument("--out", required=True, help="checkpoint directory to write")
     pre.add_argument("--steps", type=int, default=1200, help="training steps of 16 images x 4 questions (default: 1200)")
-    pre.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this much training time")
+    pre.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this much training time (default: no limit)")
     pre.add_argument("--seed", type=int, default=0, help="seed of scenes, weights and batches (default: 0)")
-    pre.add_argument("--resume", action="store_true", help="continue the run already in --out")
+    pre.add_argument("--resume", action="store_true", help="continue the run already in --out (default: off)")
     pre.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     pre.set_defaults(func=cmd_pretrain_base)
+    bench = sub.add_parser("bench", help="list the benchmark scripts in bench/, or run one and save its output as JSON",
+                           epilog="examples:\n  vla-peft bench\n  vla-peft bench swap\n  vla-peft bench train_speed --threads 1",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("name", nargs="?", help="bench to run, e.g. swap (default: none: list them)")
+    bench.add_argument("--out", default=None, help="JSON file for the output; give it before the name (default: runs/bench/<name>.json)")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="everything after the name goes to the bench script (default: none)")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,7 +186,7 @@ def run_demo(config: DemoConfig) -> dict:
                     "action_latency_ms_p50": timing["latency_ms"]["action"]["p50"],
                     "chunk_latency_ms_p50": timing["latency_ms"]["chunk"]["p50"]})
     summary = {
-        "out": str(out), "base": base, "base_commit": base_commit(base), "quick": config.quick,
+        "out": str(out), "base": base, "base_recipe": base_recipe(base), "quick": config.quick,
         "method_config": config.method, "seed": config.seed, "overrides": overrides, "swap": swap,
         "eval": {"episodes": evaluation.episodes, "seed": evaluation.seed, "videos": evaluation.videos},
         "rows": list(rows.values()), "eval_s": round(eval_s, 1),
@@ -218,15 +219,13 @@ def bank_or_reload(bundles: dict[str, Path], base: str):
     return policy_for, f"reloaded per task ({sorted(m for m in methods if m)} bundles do not hot-swap)"
 
 
-def base_commit(base: str) -> str | None:
-    """The git commit of the checkout a base lives in (None outside git): which recipe built it."""
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "-C", str(Path(base).resolve().parent), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
+def base_recipe(base: str) -> dict | None:
+    """How a pretrained tiny base was built (its ``pretrain_recipe.json``), so figures name their base."""
+    path = Path(base) / "pretrain_recipe.json"
+    if not path.is_file():
         return None
+    recipe = json.loads(path.read_text())
+    return {k: recipe[k] for k in ("steps", "seed", "batch_size", "lr") if k in recipe}
 
 
 def format_table(summary: dict) -> str:
