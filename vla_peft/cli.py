@@ -13,7 +13,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     config = DemoConfig(tasks=tasks, method=args.method or str(DEFAULT_METHOD), base=args.base, out=args.out, seed=args.seed,
-                        quick=args.quick, overrides=args.overrides)
+                        quick=args.quick, overrides=(["policy.load_in_4bit=true"] if args.load_in_4bit else []) + args.overrides)
     print(format_report(run_demo(config)))
     return 0
 
@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--base", default=None,
                       help="a base checkpoint directory or hub name (default: the tiny pretrained base, shipped or "
                            "cached in ~/.cache/vla_peft/tiny_base, built once if neither)")
+    demo.add_argument("--load-in-4bit", action="store_true",
+                      help="load the base in 4-bit NF4 (bitsandbytes), same as policy.load_in_4bit=true; a QLoRA "
+                           "method config implies it (default: off: the base's own precision)")
     demo.add_argument("--out", default=None, help="output folder, must be new or empty (default: runs/demo-<timestamp>)")
     demo.add_argument("--seed", type=int, default=0,
                       help="seeds collection (episode i: seed+i), training, and evaluation (seed+1000+j) (default: 0)")
