@@ -133,6 +133,7 @@ def run_demo(config: DemoConfig) -> dict:
     """Collect, train and evaluate every task; write ``demo_summary.json`` and return it."""
     from vla_peft.data.collect import collect
     from vla_peft.eval.evaluate import evaluate, write_json_atomic
+    from vla_peft.peft.report import numel
     from vla_peft.pretrain.base import default_base_path
     from vla_peft.train import train
 
@@ -160,7 +161,7 @@ def run_demo(config: DemoConfig) -> dict:
         print(f"== {task}: train {method_label(run.method)} for {run.train.steps} steps", flush=True)
         result = train(run)
         policy = result.policy
-        total = sum(p.numel() for p in policy.parameters())
+        total = sum(numel(p) for p in policy.parameters())  # 4-bit weights counted unpacked
         trainable = result.summary["trainable_parameters"]
         bundles[task] = Path(result.summary["bundle"])
         rows[task] = {
