@@ -55,9 +55,16 @@ def test_mistyped_method_key_names_the_nearest(capsys):
     ("data.val_fractoin=0", "val_fractoin", "val_fraction"),
     ("trian.steps=4", "trian", "train"),
 ])
-def test_mistyped_demo_override_names_the_nearest_before_any_work(override, wrong, right, tmp_path, capsys):
+def test_mistyped_demo_override_names_the_nearest_before_any_work(override, wrong, right, tmp_path, capsys,
+                                                                  monkeypatch):
+    import vla_peft.pretrain.base
+
+    def no_build(*_, **__):
+        raise AssertionError("the base was looked up (and maybe built) before the settings were checked")
+
+    monkeypatch.setattr(vla_peft.pretrain.base, "default_base_path", no_build)
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--base", str(tmp_path / "unused"), "--out", str(out), override]) == 2
+    assert main(["demo", "--quick", "--out", str(out), override]) == 2
     err = capsys.readouterr().err
     assert repr(wrong) in err and right in err
     assert not out.exists()  # refused before collecting anything

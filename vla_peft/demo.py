@@ -107,6 +107,7 @@ def method_label(method) -> str:
 def prepare_task(task: str, config: DemoConfig, base: str, out: Path, own: dict, run_overrides: list[str]):
     """The collect settings and the run config of one task, every override applied and checked."""
     from vla_peft.data.collect import CollectConfig
+    from vla_peft.data.dataset import DataConfig
     from vla_peft.train.config import load_run_config
 
     settings = load_task_settings(task)
@@ -121,8 +122,6 @@ def prepare_task(task: str, config: DemoConfig, base: str, out: Path, own: dict,
         "train": {"seed": config.seed, **(settings.get("train") or {}), "output_dir": str(out / "train" / task)},
     }
     run = load_run_config(raw, run_overrides)
-    from vla_peft.data.dataset import DataConfig
-
     check_keys(run.data, [f.name for f in dataclasses.fields(DataConfig)], "data")
     collect_config = CollectConfig(task=settings.get("task", task), out=str(data_path),
                                    cameras=tuple(run.policy.cameras), **collect)
@@ -145,12 +144,14 @@ def run_demo(config: DemoConfig) -> dict:
     own, run_overrides = split_overrides(overrides)
     if not config.tasks:
         raise ValueError("--tasks is empty: name at least one task, e.g. --tasks Reach")
+    # Check every task's settings before any long work (building the base included) starts.
+    prepared = {task: prepare_task(task, config, config.base or "", out, own, run_overrides) for task in config.tasks}
+    evaluation = eval_config(own["eval"], out, config.seed)
     if config.base is None:
         print("base: the tiny pretrained base (building it once if neither shipped nor cached) ...", flush=True)
     base = str(config.base or default_base_path())
-    # Check every task's settings before any long work starts.
-    prepared = {task: prepare_task(task, config, base, out, own, run_overrides) for task in config.tasks}
-    evaluation = eval_config(own["eval"], out, config.seed)
+    for _, run in prepared.values():
+        run.policy.base = base
     out.mkdir(parents=True, exist_ok=True)
     print(f"base: {base}\noutput: {out}", flush=True)
 
