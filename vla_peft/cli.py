@@ -23,6 +23,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a policy from a run config; key=value pairs override it (train.steps=500)."""
+    from vla_peft.train import TrainingDiverged, load_run_config, train
+
+    run = load_run_config(args.config, args.overrides)
+    try:
+        summary = train(run, resume=args.resume).summary
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if summary:
+        final = summary["final"]
+        print(f"trained {summary['steps']} steps in {summary['elapsed_s']:.0f} s on {summary['processes']} process(es); "
+              f"{summary['trainable_parameters']:,} trainable parameters")
+        print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in final.items() if isinstance(v, float)))
+        if summary["validation"]:
+            print("validation: " + ", ".join(f"{k} {v:.4g}" for k, v in summary["validation"].items() if k != "step"))
+        print(f"bundle: {summary['bundle']}")
+    return 0
+
+
 def cmd_collect(args: argparse.Namespace) -> int:
     """Collect scripted-expert demonstrations into one HDF5 file."""
     import signal
@@ -71,6 +92,17 @@ def add_data_commands(sub) -> None:
     lerobot.set_defaults(func=cmd_import_lerobot)
 
 
+def cmd_pretrain_base(args: argparse.Namespace) -> int:
+    """Pretrain the tiny base VLM on simulator captions and grounding questions."""
+    from vla_peft.pretrain.train import PretrainConfig, format_report, pretrain
+
+    cfg = PretrainConfig(steps=args.steps, seed=args.seed)
+    report = pretrain(args.out, cfg, resume=args.resume, minutes=args.minutes, threads=args.threads)
+    print(format_report(report))
+    print(f"checkpoint: {args.out} (load with vla_peft.models.load_vlm; inputs via vla_peft.models.load_image_norm)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-peft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,13 +112,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--peft-config", default=None, help="a method config YAML such as configs/peft/qlora.yaml (default: LoRA r=8)"
     )
     demo.set_defaults(func=cmd_demo)
+    train = sub.add_parser("train", help="train a policy (PEFT + action head) on demonstrations")
+    train.add_argument("--config", required=True, help="a run config, e.g. configs/train/reach_lora.yaml")
+    train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=500 method.r=8")
+    train.set_defaults(func=cmd_train)
+    from vla_peft.eval.command import add_eval_parser
+
+    add_eval_parser(sub)
     add_data_commands(sub)
+    pre = sub.add_parser("pretrain-base", help="pretrain the tiny CPU base VLM on simulator scenes (no actions)")
+    pre.add_argument("--out", required=True, help="checkpoint directory to write")
+    pre.add_argument("--steps", type=int, default=1500, help="training steps of batch 64 (default: 1500)")
+    pre.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this much training time")
+    pre.add_argument("--seed", type=int, default=0, help="seed of scenes, weights and batches (default: 0)")
+    pre.add_argument("--resume", action="store_true", help="continue the run already in --out")
+    pre.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    pre.set_defaults(func=cmd_pretrain_base)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:  # user errors: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -31,6 +31,20 @@ behind near far above below center middle table gripper open closed robot arm ha
 what where which colour color is are how many there yes no one two three four five
 six seven eight nine zero bin x y z position object target goal instruction task
 In: Out: USER: ASSISTANT: Q: A: what action should the robot take to ?
+where is which part of the image in describe scene from left to right how many cubes pads
+is there a colour ? where in the image is the ? which is the ? what colour is ? how many ?
+describe the scene ? is the gripper open ? bottom leftmost rightmost yes no
+which
+how
+what
+is
+describe
+reach
+push
+stack
+pick
+move
+put
 """
 
 
@@ -44,14 +58,14 @@ class TinyLlavaSpec:
     vision_layers: int = 2
     vision_heads: int = 4
     text_hidden: int = 256
-    text_layers: int = 2
+    text_layers: int = 3
     text_heads: int = 4
     text_kv_heads: int = 4
-    vocab_size: int = 512
+    vocab_size: int = 640
     max_positions: int = 512
 
 
-def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def build_tokenizer(vocab_size: int = 640) -> PreTrainedTokenizerFast:
     """A deterministic byte-level BPE tokenizer trained on the task vocabulary."""
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -1,0 +1,139 @@
+"""Task bundles: everything a trained policy adds to its frozen base, in one directory.
+
+    bundle.json               policy / method / data configs, base name and fingerprint, package versions
+    policy.safetensors        action queries, action head, proprio projector
+    normalizers.safetensors   action and state statistics with their modes (vla_peft.data format)
+    adapter/                  the PEFT weights (LoRA in HF peft's format) via vla_peft.peft io; absent for head-only
+
+Never the frozen base. The fingerprint holds the base's architecture and a hash of two of its
+frozen tensors, so a bundle refuses a base with the same shapes but other weights (a random
+tiny base in place of the pretrained one) as clearly as one of another architecture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vla_peft.data.stats import load_normalizers, save_normalizers
+from vla_peft.policy.config import PolicyConfig
+from vla_peft.policy.peft_link import load_method, load_method_weights, save_method
+from vla_peft.policy.policy import VLAPolicy
+
+FORMAT_VERSION = 1
+MANIFEST = "bundle.json"
+
+
+class BundleMismatchError(ValueError):
+    """A bundle loaded onto a base model it was not trained on."""
+
+
+def base_fingerprint(vlm: nn.Module) -> dict:
+    """Architecture, sizes, and a hash of the token embeddings and patch embedding (rounded to
+    bfloat16, so the same checkpoint loaded in fp32, bf16 or NF4 gives the same hash)."""
+    cfg = vlm.config
+    digest = hashlib.sha256()
+    for tensor in (vlm.get_input_embeddings().weight, vlm.model.vision_tower.get_input_embeddings().weight):
+        digest.update(tensor.detach().to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+    return {
+        "architecture": type(vlm).__name__,
+        "vision": {k: getattr(cfg.vision_config, k, None) for k in ("hidden_size", "num_hidden_layers", "image_size", "patch_size")},
+        "text": {k: getattr(cfg.text_config, k, None) for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
+        "weights_sha256": digest.hexdigest()[:16],
+    }
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("vla_peft", "torch", "transformers", "accelerate", "safetensors", "bitsandbytes"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def save_bundle(policy: VLAPolicy, path: str | Path, data_config: dict | None = None, extra: dict | None = None) -> Path:
+    """Write ``policy``'s bundle to directory ``path`` (replaced atomically)."""
+    if policy.normalizers is None:
+        raise ValueError("the policy has no normalisation statistics; a bundle without them cannot act")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "policy": policy.config.to_dict(),
+        "method": None if policy.method_config is None else policy.method_config.to_dict(),
+        "data": data_config or {},
+        "base": {"name_or_path": policy.config.base, "fingerprint": base_fingerprint(policy.vlm)},
+        "versions": package_versions(),
+        **(extra or {}),
+    }
+    save_file(policy.own_state_dict(), str(tmp / "policy.safetensors"))
+    save_normalizers(tmp / "normalizers.safetensors", policy.normalizers)
+    if policy.method_config is not None:
+        save_method(policy.vlm, tmp / "adapter")
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+    return path
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise FileNotFoundError(f"{path} is not a task bundle: {MANIFEST} is missing (bundles are written by `vla-peft train`)")
+    manifest = json.loads((path / MANIFEST).read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: bundle format {manifest.get('format_version')} is not {FORMAT_VERSION}; retrain or upgrade")
+    return manifest
+
+
+def check_base(manifest: dict, vlm: nn.Module, path: Path) -> None:
+    """Refuse a base the bundle was not trained on, naming what differs."""
+    expected, here = manifest["base"]["fingerprint"], base_fingerprint(vlm)
+    diffs = [f"{k}: bundle {expected.get(k)!r} vs base {here[k]!r}" for k in here if expected.get(k) != here[k]]
+    if diffs:
+        raise BundleMismatchError(
+            f"the bundle at {path} was trained on another base model ({'; '.join(diffs)}); load it onto its own base "
+            f"({manifest['base']['name_or_path']!r}) or retrain it on this one"
+        )
+
+
+def load_bundle(path: str | Path, vlm: nn.Module | None = None, processor=None, base: str | None = None) -> VLAPolicy:
+    """Rebuild the trained policy: its base (``vlm`` if given, else loaded from ``base`` or the
+    path recorded in the bundle), the PEFT weights, the head, the statistics."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    config = PolicyConfig.from_dict(manifest["policy"])
+    if base is not None:
+        config.base = str(base)
+    if vlm is None:
+        from vla_peft.models import load_vlm
+
+        vlm, processor = load_vlm(config.base, dtype=config.dtype, load_in_4bit=config.load_in_4bit)
+    check_base(manifest, vlm, path)
+    policy = VLAPolicy(config, vlm, processor, method_config=None)
+    if manifest["method"] is not None:
+        load_method_weights(vlm, path / "adapter")
+        policy.method_config = load_method(manifest["method"])
+    policy.load_own_state_dict(load_file(str(path / "policy.safetensors")))
+    policy.normalizers = load_normalizers(path / "normalizers.safetensors")
+    policy.requires_grad_(False)
+    return policy.eval()

@@ -1,0 +1,75 @@
+"""The policy's configuration: which base, which inputs, which head."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+
+HEADS = ("continuous", "discrete")
+
+
+@dataclass
+class PolicyConfig:
+    """Everything that fixes the policy's shape and its input/output conventions.
+
+    Actions are ``(dx, dy, dz, ..., gripper)`` in the environment's units; the
+    gripper (``gripper_dim``) is -1 open / +1 close. It is normalised with the other
+    dimensions while training (the inverse restores it exactly) and snapped to
+    exactly -1 or +1 at inference when ``binarize_gripper`` is on.
+    """
+
+    base: str = ""                      # checkpoint directory or hub name of the frozen VLM
+    load_in_4bit: bool = False          # NF4 base (QLoRA)
+    dtype: str = "float32"
+    cameras: list[str] = field(default_factory=lambda: ["agentview"])
+    image_size: int | None = None       # camera resolution the policy receives (resized to the VLM's); None: the data's
+    state_keys: list[str] = field(default_factory=lambda: ["ee_pos", "gripper_states"])
+    state_dim: int | None = None        # total size of the state keys; None: the data's
+    action_dim: int = 4
+    chunk_size: int = 8                 # K actions predicted per forward pass
+    execute_steps: int = 4              # n of the K actions executed before re-planning
+    temporal_ensemble: float = 0.0      # > 0: re-plan every step and average overlapping chunks (ACT's m)
+    head: str = "continuous"
+    head_width: int = 256
+    n_bins: int = 256
+    center_crop: float = 1.0            # kept area fraction of the evaluation centre crop (the data's crop_scale when augmenting)
+    gripper_dim: int | None = -1
+    binarize_gripper: bool = True
+    prompt: str = "what action should the robot take to {instruction}?"
+
+    def __post_init__(self) -> None:
+        self.cameras, self.state_keys = list(self.cameras), list(self.state_keys)
+        checks = [
+            (self.head in HEADS, "head", f"use one of {HEADS}"),
+            (0 < self.center_crop <= 1, "center_crop", "use a fraction in (0, 1]; 1 means no crop"),
+            (self.chunk_size > 0, "chunk_size", "use a positive integer such as 8"),
+            (0 < self.execute_steps <= self.chunk_size, "execute_steps", f"use 1..chunk_size ({self.chunk_size})"),
+            (self.action_dim > 0, "action_dim", "use the dataset's action dimension"),
+            (self.state_dim is None or self.state_dim >= 0, "state_dim", "use the total size of the state keys"),
+            (self.image_size is None or self.image_size > 0, "image_size", "use the cameras' resolution, e.g. 96"),
+            (len(self.cameras) > 0, "cameras", "name at least one camera, e.g. ['agentview']"),
+            (self.temporal_ensemble >= 0, "temporal_ensemble", "use 0 (off) or a positive decay such as 0.1"),
+            ("{instruction}" in self.prompt, "prompt", "include '{instruction}' in the prompt"),
+        ]
+        for ok, name, fix in checks:
+            if not ok:
+                raise ValueError(f"policy config: {name}={getattr(self, name)!r} is invalid: {fix}")
+        if self.gripper_dim is not None and not -self.action_dim <= self.gripper_dim < self.action_dim:
+            raise ValueError(f"policy config: gripper_dim={self.gripper_dim} is outside action_dim={self.action_dim}")
+
+    @property
+    def gripper_index(self) -> int | None:
+        return None if self.gripper_dim is None else self.gripper_dim % self.action_dim
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PolicyConfig:
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in names:
+                near = difflib.get_close_matches(key, names, n=3)
+                raise ValueError(f"policy config: unknown key {key!r}; did you mean {near or names}?")
+        return cls(**d)

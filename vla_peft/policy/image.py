@@ -1,0 +1,86 @@
+"""Camera images to the VLM's pixel values, as batched tensor ops (no PIL per sample)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vla_peft.models.image_norm import load_image_norm
+
+# CLIP's statistics: used when a checkpoint ships no image processor.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def image_stats(processor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean / std the checkpoint's own image processor normalises with."""
+    image_processor = getattr(processor, "image_processor", None)
+    mean = getattr(image_processor, "image_mean", None) or CLIP_MEAN
+    std = getattr(image_processor, "image_std", None) or CLIP_STD
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def check_camera_image(image: np.ndarray | torch.Tensor, camera: str, expected_size: int) -> torch.Tensor:
+    """A batch of raw camera frames, uint8 (B, H, W, 3) at the policy's resolution, or a clear error."""
+    image = torch.as_tensor(np.asarray(image) if not torch.is_tensor(image) else image)
+    if image.dtype != torch.uint8 or image.ndim != 4 or image.shape[-1] != 3:
+        raise ValueError(
+            f"camera {camera!r}: expected uint8 images shaped (H, W, 3) (or batched), got {image.dtype} "
+            f"{tuple(image.shape)}; pass the environment's '{camera}_rgb' observation unchanged"
+        )
+    check_size(image.shape[1], image.shape[2], camera, expected_size)
+    return image
+
+
+def check_size(height: int, width: int, camera: str, expected_size: int) -> None:
+    """Refuse, rather than silently resize, a resolution the policy was not trained at:
+    a policy fed other images than its training ones fails quietly in closed loop."""
+    if height != expected_size or width != expected_size:
+        raise ValueError(
+            f"camera {camera!r}: image is {height}x{width} but the policy expects "
+            f"{expected_size}x{expected_size}; render the environment with image_size={expected_size} "
+            f"or set policy.image_size={height} and retrain"
+        )
+
+
+class PixelNormalizer(nn.Module):
+    """float images (B, C, 3, H, W) in [0, 1] -> the VLM's pixel values (B, C, 3, s, s).
+
+    Resized to the vision tower's size, then normalised the way the base was trained:
+    per channel with its image processor's mean/std, or, when the checkpoint ships an
+    ``image_norm.safetensors`` (the pretrained tiny base does), minus each camera's mean
+    scene image and divided by its std.
+    """
+
+    def __init__(self, cameras: list[str], model_size: int, processor=None, base_path: str | Path | None = None):
+        super().__init__()
+        self.model_size = model_size
+        norm = load_image_norm(base_path) if base_path is not None else None
+        if norm is not None:
+            missing = [c for c in cameras if c not in norm.means]
+            if missing:
+                raise ValueError(f"the base's image_norm has no scene mean for camera(s) {missing} "
+                                 f"(it has {sorted(norm.means)}): use those cameras in policy.cameras")
+            means = torch.stack([norm.means[c].float() for c in cameras])
+            if means.shape[-1] != model_size:
+                means = F.interpolate(means, size=(model_size, model_size), mode="bilinear", antialias=True)
+            std = torch.full((len(cameras), 3, 1, 1), float(norm.std))
+        else:
+            mean, channel_std = image_stats(processor)
+            means = torch.tensor(mean).view(1, 3, 1, 1).expand(len(cameras), 3, 1, 1).clone()
+            std = torch.tensor(channel_std).view(1, 3, 1, 1).expand(len(cameras), 3, 1, 1).clone()
+        self.per_pixel = norm is not None
+        self.register_buffer("mean", means, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        batch, cams = images.shape[:2]
+        flat = images.flatten(0, 1)
+        if flat.shape[-1] != self.model_size or flat.shape[-2] != self.model_size:
+            flat = F.interpolate(flat, size=(self.model_size, self.model_size), mode="bilinear", antialias=True,
+                                 align_corners=False)
+        return (flat.view(batch, cams, *flat.shape[1:]) - self.mean) / self.std

@@ -1,0 +1,266 @@
+"""VLAPolicy: a frozen LLaVA-style VLM + injected PEFT modules + a trainable action head.
+
+One forward pass per action chunk. The language model reads, in order:
+the chat-templated prompt with each camera's image features where its ``<image>``
+token stands, one proprio token (the normalised state through a small MLP), and
+learned action-query tokens whose final hidden states the head decodes.
+Batches are left-padded with explicit position ids, so the queries sit at the same
+place in every row and a padded batch gives each sample's unpadded result.
+
+Training batches come from ``vla_peft.data.DemoDataset`` (images in [0, 1], state and
+actions already normalised); ``predict_chunk`` takes raw environment observations and
+applies the same steps itself (same crop, same normalisers), then un-normalises.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from vla_peft.policy.config import PolicyConfig
+from vla_peft.policy.heads import ContinuousHead, DiscreteHead
+from vla_peft.data.augment import ImageAugment, to_float_chw
+from vla_peft.data.stats import Normalizer
+from vla_peft.policy.image import PixelNormalizer, check_camera_image, check_size
+from vla_peft.policy.peft_link import inject_method
+
+
+class VLAPolicy(nn.Module):
+    def __init__(self, config: PolicyConfig, vlm: nn.Module, processor=None, method_config=None):
+        super().__init__()
+        if config.state_dim is None or config.image_size is None:
+            raise ValueError("policy config: state_dim and image_size must be set (training fills them from the dataset)")
+        self.config, self.processor, self.method_config = config, processor, method_config
+        self.vlm = vlm
+        vlm.requires_grad_(False)
+        self.peft_report = inject_method(vlm, method_config) if method_config is not None else None
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        if self.tokenizer is None:
+            raise ValueError("the base checkpoint has no tokenizer: save one beside it (AutoTokenizer.save_pretrained)")
+        text_config = vlm.config.text_config
+        hidden = text_config.hidden_size
+        self.image_token_id = vlm.config.image_token_id
+        self.model_image_size = vlm.config.vision_config.image_size
+
+        if config.head == "continuous":
+            self.head = ContinuousHead(hidden, config.action_dim, config.chunk_size, config.head_width)
+        else:
+            self.head = DiscreteHead(vlm.get_output_embeddings(), len(self.tokenizer), self.tokenizer.all_special_ids,
+                                     config.action_dim, config.chunk_size, config.n_bins)
+        embed_std = float(vlm.get_input_embeddings().weight.float().std())
+        self.queries = nn.Parameter(torch.randn(self.head.num_queries, hidden) * embed_std)
+        self.proprio = (
+            nn.Sequential(nn.Linear(config.state_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+            if config.state_dim > 0 else None
+        )
+        self.normalizers: dict[str, Normalizer] | None = None
+        self._eval_crop = ImageAugment(crop_scale=config.center_crop) if config.center_crop < 1 else None
+        self.pixels = PixelNormalizer(config.cameras, self.model_image_size, processor,
+                                      config.base if config.base and Path(config.base).is_dir() else None)
+        self._prompt_ids: dict[tuple[str, int], list[int]] = {}
+        self.reset()
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_config(cls, config: PolicyConfig, method_config=None, normalizers: dict[str, Normalizer] | None = None,
+                    vlm=None, processor=None) -> VLAPolicy:
+        """Load the base named in ``config`` (unless given), inject ``method_config``, attach the normalisers."""
+        if getattr(method_config, "load_in_4bit", False):
+            config.load_in_4bit = True  # QLoRA: the method asks for an NF4 base
+        if vlm is None:
+            from vla_peft.models import load_vlm
+
+            vlm, processor = load_vlm(config.base, dtype=config.dtype, load_in_4bit=config.load_in_4bit)
+        policy = cls(config, vlm, processor, method_config)
+        policy.normalizers = normalizers
+        return policy
+
+    def own_modules(self) -> dict[str, nn.Module]:
+        """The policy's parts outside the VLM (saved in the bundle beside the PEFT weights)."""
+        parts = {"head": self.head}
+        if self.proprio is not None:
+            parts["proprio"] = self.proprio
+        return parts
+
+    def own_state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"queries": self.queries.detach()}
+        for name, module in self.own_modules().items():
+            state.update({f"{name}.{k}": v.detach() for k, v in module.state_dict().items()})
+        return {k: v.contiguous().cpu() for k, v in state.items()}
+
+    def load_own_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.own_state_dict())
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(f"policy weights do not match this policy config (missing {missing}, unexpected {extra})")
+        with torch.no_grad():
+            self.queries.copy_(state["queries"])
+        for name, module in self.own_modules().items():
+            prefix = f"{name}."
+            module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+    @property
+    def device(self) -> torch.device:
+        return self.queries.device
+
+    # ------------------------------------------------------------------ inputs
+    def _prompt(self, instruction: str, num_image_tokens: int) -> list[int]:
+        """Token ids of the chat-templated prompt, each camera's ``<image>`` expanded to its features."""
+        key = (instruction, num_image_tokens)
+        if key not in self._prompt_ids:
+            text = self.config.prompt.format(instruction=instruction)
+            images = [{"type": "image"} for _ in self.config.cameras]
+            template_owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
+            if getattr(template_owner, "chat_template", None):
+                messages = [{"role": "user", "content": [*images, {"type": "text", "text": text}]}]
+                text = template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            else:
+                text = "<image>\n" * len(self.config.cameras) + text
+            ids = self.tokenizer(text, add_special_tokens=True).input_ids
+            if ids.count(self.image_token_id) != len(self.config.cameras):
+                raise ValueError(
+                    f"the prompt has {ids.count(self.image_token_id)} image tokens for "
+                    f"{len(self.config.cameras)} cameras: check the checkpoint's chat template"
+                )
+            expanded = []
+            for i in ids:
+                expanded.extend([i] * num_image_tokens if i == self.image_token_id else [i])
+            self._prompt_ids[key] = expanded
+        return self._prompt_ids[key]
+
+    def observation_inputs(self, obs: dict) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Raw batched observation -> (images (B, C, 3, H, W) in [0, 1], normalised state (B, S), instructions),
+        the same form the training batches have."""
+        if self.normalizers is None:
+            raise RuntimeError("the policy has no normalisation statistics: train it or load it from a bundle")
+        cameras = []
+        for camera in self.config.cameras:
+            key = f"{camera}_rgb"
+            if key not in obs:
+                raise KeyError(f"observation has no image {key!r} (it has {sorted(obs)}): fix policy.cameras")
+            images = to_float_chw(check_camera_image(obs[key], camera, self.config.image_size))
+            cameras.append(self._eval_crop.eval(images) if self._eval_crop is not None else images)
+        parts = []
+        for key in self.config.state_keys:
+            if key not in obs:
+                raise KeyError(f"observation has no state key {key!r} (it has {sorted(obs)}): fix policy.state_keys")
+            parts.append(np.asarray(obs[key], dtype=np.float32).reshape(len(obs["instruction"]), -1))
+        state = np.concatenate(parts, axis=-1) if parts else np.zeros((len(obs["instruction"]), 0), np.float32)
+        state = self.normalizers["state"].normalize(torch.from_numpy(state))
+        return torch.stack(cameras, dim=1), state, list(obs["instruction"])
+
+    def embed(self, images: torch.Tensor, state: torch.Tensor, instructions: list[str]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs_embeds, attention_mask, position_ids) for the language model."""
+        batch, num_cams = images.shape[:2]
+        if num_cams != len(self.config.cameras):
+            raise ValueError(f"got images of {num_cams} cameras but the policy reads {self.config.cameras}")
+        check_size(images.shape[-2], images.shape[-1], ",".join(self.config.cameras), self.config.image_size)
+        if state.shape[-1] != self.config.state_dim:
+            raise ValueError(f"state has {state.shape[-1]} values but policy.state_dim is {self.config.state_dim}: "
+                             f"set state_dim to {state.shape[-1]} (the total size of {self.config.state_keys})")
+        lm = self.vlm.model.language_model
+        dtype = lm.get_input_embeddings().weight.dtype
+        pixels = self.pixels(images.to(self.device, torch.float32)).transpose(0, 1).flatten(0, 1)  # camera-major
+        features = torch.stack(list(self.vlm.model.get_image_features(pixel_values=pixels.to(dtype)).pooler_output))
+        num_tokens = features.shape[1]
+        features = features.view(num_cams, batch, num_tokens, -1).transpose(0, 1).reshape(-1, features.shape[-1])
+
+        prompts = [self._prompt(text, num_tokens) for text in instructions]
+        width = max(map(len, prompts))
+        ids = torch.full((batch, width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros(batch, width, dtype=torch.long)
+        for row, prompt in enumerate(prompts):  # left padding
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        embeds = lm.get_input_embeddings()(ids)
+        image_slots = (ids == self.image_token_id).unsqueeze(-1).expand_as(embeds)
+        embeds = embeds.masked_scatter(image_slots, features.to(embeds.dtype))
+
+        extra = [self.queries.to(dtype).unsqueeze(0).expand(batch, -1, -1)]
+        if self.proprio is not None:
+            extra.insert(0, self.proprio(state.to(self.device, torch.float32)).to(dtype).unsqueeze(1))
+        extra = torch.cat(extra, dim=1)
+        embeds = torch.cat([embeds, extra], dim=1)
+        mask = torch.cat([mask, torch.ones(batch, extra.shape[1], dtype=mask.dtype, device=mask.device)], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return embeds, mask, positions
+
+    def head_output(self, images: torch.Tensor, state: torch.Tensor, instructions: list[str]) -> torch.Tensor:
+        """The head's raw output (normalised actions, or bin logits) in one forward pass."""
+        embeds, mask, positions = self.embed(images, state, instructions)
+        hidden = self.vlm.model.language_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
+        ).last_hidden_state
+        return self.head(hidden[:, -self.head.num_queries:])
+
+    # ------------------------------------------------------------------ training
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Loss and metrics for a collated ``DemoDataset`` batch (the current frame of its history is used)."""
+        actions = batch["actions"].to(self.device, torch.float32)
+        if actions.shape[1:] != (self.config.chunk_size, self.config.action_dim):
+            raise ValueError(
+                f"the batch's action chunks are {tuple(actions.shape[1:])} but the policy expects "
+                f"(chunk_size={self.config.chunk_size}, action_dim={self.config.action_dim}): "
+                "make the dataset's chunk size and action dimension match the policy config"
+            )
+        output = self.head_output(batch["images"][:, :, -1], batch["state"][:, -1], list(batch["instruction"]))
+        return self.head.loss(output, actions, batch["action_mask"].to(self.device).bool())
+
+    # ------------------------------------------------------------------ acting
+    @torch.no_grad()
+    def predict_chunk(self, obs: dict, binarize_gripper: bool | None = None) -> np.ndarray:
+        """Raw actions (K, A) for one observation, or (B, K, A) for a batch (``instruction`` a list)."""
+        single = isinstance(obs["instruction"], str)
+        if single:
+            obs = {k: ([v] if k == "instruction" else np.asarray(v)[None]) for k, v in obs.items()}
+        images, state, instructions = self.observation_inputs(obs)
+        was_training = self.training
+        if was_training:  # train()/eval() walk every module (every resident adapter too): only when needed
+            self.eval()
+        try:
+            normalised = self.head.decode(self.head_output(images, state, instructions))
+        finally:
+            if was_training:
+                self.train()
+        actions = self.normalizers["actions"].unnormalize(normalised.float().cpu())
+        grip = self.config.gripper_index
+        if grip is not None and (self.config.binarize_gripper if binarize_gripper is None else binarize_gripper):
+            actions[..., grip] = torch.where(actions[..., grip] >= 0, 1.0, -1.0)
+        actions = actions.numpy().astype(np.float32)
+        return actions[0] if single else actions
+
+    def reset(self) -> None:
+        """Forget queued actions (call at every episode start)."""
+        self._queue: deque = deque()
+        self._history: list[tuple[int, np.ndarray]] = []
+        self._step = 0
+
+    def select_action(self, obs: dict) -> np.ndarray:
+        """The next action: execute ``execute_steps`` of each predicted chunk, then re-plan;
+        with ``temporal_ensemble`` > 0, re-plan every step and average every chunk's
+        prediction for this step with weights exp(-m * age_rank) (ACT), oldest first."""
+        m = self.config.temporal_ensemble
+        if m > 0:
+            self._history.append((self._step, self.predict_chunk(obs, binarize_gripper=False)))
+            k = self.config.chunk_size
+            self._history = [(t, c) for t, c in self._history if self._step - t < k]
+            preds = np.stack([c[..., self._step - t, :] for t, c in self._history])
+            weights = np.exp(-m * np.arange(len(preds)))
+            action = np.tensordot(weights / weights.sum(), preds, axes=1).astype(np.float32)
+            grip = self.config.gripper_index
+            if grip is not None and self.config.binarize_gripper:
+                action[..., grip] = np.where(action[..., grip] >= 0, 1.0, -1.0)
+        else:
+            if not self._queue:
+                chunk = self.predict_chunk(obs)
+                steps = np.moveaxis(chunk, -2, 0)[: self.config.execute_steps]
+                self._queue.extend(steps)
+            action = self._queue.popleft()
+        self._step += 1
+        return action

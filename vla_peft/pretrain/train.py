@@ -1,0 +1,333 @@
+"""LLaVA-style pretraining of the tiny base: next-token loss on the answer, image + question as context.
+
+The whole recipe reads top to bottom: render scenes, fit the per-pixel input normalisation,
+then train every weight of a fresh tiny LLaVA on questions drawn per step (easy mix first,
+full mix after), save a normal transformers checkpoint, and score it on held-out scenes.
+Batches are a pure function of (seed, step), so a resumed run sees the same data as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from vla_peft.models.image_norm import ImageNorm, load_image_norm, save_image_norm
+from vla_peft.models.processor import save_processor
+from vla_peft.models.tiny import TinyLlavaSpec, build_tiny_llava
+from vla_peft.pretrain.questions import EASY_MIX, FULL_MIX, QUESTION_TYPES, ask
+from vla_peft.pretrain.scenes import CAMERAS, SceneSet, render_scenes
+
+STATE_DIR = "train_state"  # resume files, kept out of the checkpoint proper
+EVAL_FILE = "pretrain_eval.json"
+RECIPE_FILE = "pretrain_recipe.json"
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that decides the result; written beside the checkpoint."""
+
+    steps: int = 1500
+    seed: int = 0
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    easy_fraction: float = 0.2  # share of steps drawn from the easy question mix
+    train_images: int = 8000
+    eval_images: int = 800
+    eval_per_type: int = 150
+    pos_embed_scale: float = 10.0  # louder position embeddings at init, so patches know where they are
+    spec: TinyLlavaSpec = field(default_factory=TinyLlavaSpec)
+
+
+class QATokenizer:
+    """Token ids of "<s>USER: <image>*N\\n{question} ASSISTANT:{answer}</s>", cached per string."""
+
+    def __init__(self, tokenizer, num_image_tokens: int) -> None:
+        self.tok = tokenizer
+        self.image_id = tokenizer.convert_tokens_to_ids("<image>")
+        self.n = num_image_tokens
+        self._cache: dict[str, list[int]] = {}
+
+    def _ids(self, text: str) -> list[int]:
+        if text not in self._cache:
+            self._cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
+        return self._cache[text]
+
+    def prompt(self, question: str) -> list[int]:
+        head = [self.tok.bos_token_id] + self._ids("USER: ")
+        return head + [self.image_id] * self.n + self._ids(f"\n{question} ASSISTANT:")
+
+    def answer(self, answer: str) -> list[int]:
+        return self._ids(answer) + [self.tok.eos_token_id]
+
+
+def fit_image_norm(scenes: SceneSet) -> ImageNorm:
+    """Mean image per camera (the static background) and the std of what remains."""
+    cams = np.array([a["camera"] for a in scenes.annotations])
+    means, residual_sq, count = {}, 0.0, 0
+    for cam in CAMERAS:
+        x = scenes.images[torch.from_numpy(cams == cam)].permute(0, 3, 1, 2).float().div_(255.0)
+        means[cam] = x.mean(0)
+        residual_sq += float(((x - means[cam]) ** 2).sum())
+        count += x.numel()
+    return ImageNorm(means=means, std=math.sqrt(residual_sq / count))
+
+
+def collate(items: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids / attention_mask / labels (loss on the answer tokens only)."""
+    length = max(len(p) + len(a) for p, a in items)
+    ids = torch.full((len(items), length), pad_id)
+    labels = torch.full((len(items), length), -100)
+    mask = torch.zeros((len(items), length), dtype=torch.long)
+    for i, (p, a) in enumerate(items):
+        seq = p + a
+        ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, len(p) : len(seq)] = torch.tensor(a)
+        mask[i, : len(seq)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def draw_questions(scenes: SceneSet, mix: dict[str, float], n: int, rng: np.random.Generator):
+    """``n`` (image index, qtype, question, answer) drawn with the mix's weights."""
+    types = list(mix)
+    weights = np.array([mix[t] for t in types], dtype=float)
+    out = []
+    while len(out) < n:
+        i = int(rng.integers(len(scenes)))
+        qtype = types[rng.choice(len(types), p=weights / weights.sum())]
+        qa = ask(scenes.annotations[i], qtype, rng)
+        if qa is not None:
+            out.append((i, qtype, *qa))
+    return out
+
+
+def make_batch(scenes: SceneSet, norm: ImageNorm, qat: QATokenizer, questions) -> dict[str, torch.Tensor]:
+    batch = collate([(qat.prompt(q), qat.answer(a)) for _, _, q, a in questions], qat.tok.pad_token_id)
+    idx = torch.tensor([i for i, *_ in questions])
+    cams = [scenes.annotations[i]["camera"] for i, *_ in questions]
+    means = torch.stack([norm.means[c] for c in cams])
+    pixels = scenes.images[idx].permute(0, 3, 1, 2).float().div_(255.0)
+    batch["pixel_values"] = (pixels - means).div_(norm.std)
+    return batch
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def evaluate(model, scenes: SceneSet, norm: ImageNorm, qat: QATokenizer, per_type: int, seed: int) -> dict:
+    """Exact-match accuracy per question type on ``scenes``, beside the majority-answer baseline.
+
+    Teacher-forced: an answer counts as right when every answer token is the model's argmax,
+    which is exactly when greedy decoding would produce it.
+    """
+    model.eval()
+    rng = np.random.default_rng(seed)
+    report = {}
+    for qtype in QUESTION_TYPES:
+        questions = draw_questions(scenes, {qtype: 1.0}, per_type, rng)
+        correct = 0
+        for start in range(0, len(questions), 64):
+            chunk = questions[start : start + 64]
+            batch = make_batch(scenes, norm, qat, chunk)
+            labels = batch.pop("labels")
+            logits = model(**batch).logits[:, :-1]
+            target = labels[:, 1:]
+            ok = (logits.argmax(-1) == target) | (target == -100)
+            correct += int(ok.all(dim=1).sum())
+        answers = [a for *_, a in questions]
+        majority = max(answers.count(a) for a in set(answers)) / len(answers)
+        report[qtype] = {"accuracy": correct / len(questions), "chance": majority, "n": len(questions)}
+    return report
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out: Path, model, tokenizer, norm: ImageNorm) -> None:
+    """Write a normal transformers checkpoint (+ image_norm.safetensors) file by file, atomically."""
+    staging = out / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.save_pretrained(staging)
+    processor = save_processor(staging, tokenizer, model.config)
+    del processor
+    save_image_norm(staging, norm)
+    for f in sorted(staging.iterdir()):
+        os.replace(f, out / f.name)
+    staging.rmdir()
+
+
+def _save_state(path: Path, model, optimizer, step: int, cfg: PretrainConfig) -> None:
+    """Model, AdamW moments and step in ONE safetensors file, so a resume never mixes versions."""
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if st:
+                for key in ("exp_avg", "exp_avg_sq", "step"):
+                    tensors[f"optim.{names[id(p)]}.{key}"] = torch.as_tensor(st[key]).detach().clone().contiguous()
+    meta = {"step": str(step), "config": json.dumps(_config_dict(cfg))}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def _load_state(path: Path, model, optimizer) -> tuple[int, dict]:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    for n, p in model.named_parameters():
+        if f"optim.{n}.exp_avg" in tensors:
+            optimizer.state[p] = {key: tensors[f"optim.{n}.{key}"] for key in ("exp_avg", "exp_avg_sq", "step")}
+    return int(meta["step"]), json.loads(meta["config"])
+
+
+def _config_dict(cfg: PretrainConfig) -> dict:
+    return asdict(cfg)
+
+
+def _scenes(path: Path, n: int, seed: int, size: int) -> SceneSet:
+    """Rendered once per output dir and cached there, so a resume does not render again."""
+    if path.is_file():
+        scenes = SceneSet.load(path)
+        if len(scenes) == n and scenes.images.shape[1] == size:
+            return scenes
+    scenes = render_scenes(n, seed=seed, image_size=size)
+    scenes.save(path)
+    return scenes
+
+
+def pretrain(
+    out: str | Path,
+    cfg: PretrainConfig,
+    resume: bool = False,
+    minutes: float | None = None,
+    threads: int | None = None,
+) -> dict:
+    """Pretrain (or resume) into ``out``; return the held-out report also saved as JSON there.
+
+    ``minutes`` stops early (after saving) when the wall-clock budget is spent; the schedule
+    still follows ``cfg.steps``, so an early stop resumes where it left off. ``threads``
+    sets torch's CPU threads (1 was 2-4x faster than 2 on a machine shared with other jobs).
+    """
+    torch.set_flush_denormal(True)  # measured: denormals slowed tiny-model training 4-5x
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out)
+    state_dir = out / STATE_DIR
+    state_file = state_dir / "state.safetensors"
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise FileExistsError(f"{out} is not empty; pass --resume to continue that run or choose a new --out")
+    state_dir.mkdir(parents=True, exist_ok=True)
+
+    spec = cfg.spec
+    train = _scenes(state_dir / "scenes_train.safetensors", cfg.train_images, cfg.seed, spec.image_size)
+    held_out = _scenes(state_dir / "scenes_eval.safetensors", cfg.eval_images, cfg.seed + 1_000_003, spec.image_size)
+    norm = fit_image_norm(train)
+
+    model, tokenizer = build_tiny_llava(cfg.seed, spec)
+    with torch.no_grad():
+        model.model.vision_tower.embeddings.position_embedding.weight.mul_(cfg.pos_embed_scale)
+    model.train()
+    model.requires_grad_(True)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    start = 0
+    if resume and state_file.is_file():
+        start, saved = _load_state(state_file, model, optimizer)
+        if saved != _config_dict(cfg):
+            raise ValueError(f"{out} was started with a different recipe ({saved}); resume it with the same options")
+    num_image_tokens = (spec.image_size // spec.patch_size) ** 2
+    qat = QATokenizer(tokenizer, num_image_tokens)
+
+    _atomic_json(out / RECIPE_FILE, _config_dict(cfg))
+    began = time.monotonic()
+    losses: list[float] = []
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="pretraining", unit="step")
+    step = start
+    for step in bar:
+        rng = np.random.default_rng([cfg.seed, step])
+        mix = EASY_MIX if step < cfg.easy_fraction * cfg.steps else FULL_MIX
+        batch = make_batch(train, norm, qat, draw_questions(train, mix, cfg.batch_size, rng))
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        out_of_time = minutes is not None and time.monotonic() - began > 60 * minutes
+        if (step + 1) % 500 == 0 or out_of_time:
+            _save_state(state_file, model, optimizer, step + 1, cfg)
+        if out_of_time:
+            step += 1
+            break
+    else:
+        step = cfg.steps
+    bar.close()
+    seconds = time.monotonic() - began
+    _save_state(state_file, model, optimizer, step, cfg)
+    model.eval()
+    model.requires_grad_(False)
+    save_checkpoint(out, model, tokenizer, norm)
+    report = {
+        "steps_done": step,
+        "steps_planned": cfg.steps,
+        "train_seconds_this_run": round(seconds, 1),
+        "torch_threads": torch.get_num_threads(),
+        "final_loss": float(np.mean(losses[-50:])) if losses else None,
+        "held_out": evaluate(model, held_out, norm, qat, cfg.eval_per_type, seed=cfg.seed + 7),
+    }
+    _atomic_json(out / EVAL_FILE, report)
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The held-out table a person reads at the end of a run."""
+    lines = [f"{'question type':<15} {'accuracy':>9} {'chance':>7} {'n':>5}"]
+    for qtype, r in report["held_out"].items():
+        lines.append(f"{qtype:<15} {r['accuracy']:>9.1%} {r['chance']:>7.1%} {r['n']:>5}")
+    lines.append(
+        f"steps {report['steps_done']}/{report['steps_planned']}, "
+        f"{report['train_seconds_this_run'] / 60:.1f} min of training on {report['torch_threads']} threads, "
+        f"final loss {report['final_loss']:.3f}" if report["final_loss"] is not None else ""
+    )
+    return "\n".join(lines)
+
+
+def load_pretrained_norm(path: str | Path) -> ImageNorm:
+    """The base's input normalisation; a clear error if the checkpoint was not made here."""
+    norm = load_image_norm(path)
+    if norm is None:
+        raise FileNotFoundError(f"{path} has no image_norm.safetensors; it is not a `vla-peft pretrain-base` checkpoint")
+    return norm
