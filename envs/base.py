@@ -85,9 +85,10 @@ class TabletopEnv(gym.Env):
             f"{cam}_rgb": spaces.Box(0, 255, (self.image_size, self.image_size, 3), np.uint8)
             for cam in self.camera_names
         }
-        obs_spaces["ee_pos"] = spaces.Box(-np.inf, np.inf, (3,), np.float32)
-        obs_spaces["ee_vel"] = spaces.Box(-np.inf, np.inf, (3,), np.float32)
-        obs_spaces["gripper_states"] = spaces.Box(-np.inf, np.inf, (2,), np.float32)
+        # generous finite bounds: the workspace is +-0.25 m, speeds stay well under 1 m/s
+        obs_spaces["ee_pos"] = spaces.Box(-1.0, 1.0, (3,), np.float32)
+        obs_spaces["ee_vel"] = spaces.Box(-10.0, 10.0, (3,), np.float32)
+        obs_spaces["gripper_states"] = spaces.Box(-0.1, 0.1, (2,), np.float32)
         self.observation_space = spaces.Dict(obs_spaces)
         self.action_space = spaces.Box(-1.0, 1.0, (4,), np.float32)
 

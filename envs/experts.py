@@ -116,6 +116,18 @@ class PushExpert(Expert):
 
     PUSH_Z = 0.03
     STANDOFF = 0.07  # grasp point to cube centre before pushing
+    CONTACT = 0.042  # grasp point to cube centre when the closed fingers touch its face
+
+    def direction(self, cube: np.ndarray, u: np.ndarray, others: list[np.ndarray]) -> np.ndarray:
+        """The pad's direction, or the nearest turn of it (still towards the pad) whose
+        pre-push spot is clear of the other cubes, so the pusher never lands on one."""
+        for angle in (0.0, 0.5, -0.5, 0.9, -0.9):
+            c, s_ = np.cos(angle), np.sin(angle)
+            v = np.array([c * u[0] - s_ * u[1], s_ * u[0] + c * u[1]])
+            pre = cube - v * self.STANDOFF
+            if all(np.linalg.norm(pre - o) > 0.08 for o in others):
+                return v
+        return u
 
     def act(self, s):
         ee, cube = s["ee_pos"], s["cube_pos"][int(s["target_cube"])]
@@ -125,15 +137,16 @@ class PushExpert(Expert):
         if self.phase == "done" or dist < 0.01:
             self.phase = "done"
             return self.move(ee, np.array([ee[0], ee[1], SAFE_Z]), CLOSED)
-        u = d / dist
+        others = [c[:2] for i, c in enumerate(s["cube_pos"]) if i != int(s["target_cube"])]
+        u = self.direction(cube[:2], d / dist, others)
         e = ee[:2] - cube[:2]
         along = float(e @ u)
         lateral = e - along * u
         if self.phase == "push":
-            if np.linalg.norm(lateral) > 0.02 or along > -0.03 or ee[2] > self.PUSH_Z + 0.02:
+            if np.linalg.norm(lateral) > 0.03 or along > -0.02 or ee[2] > self.PUSH_Z + 0.02:
                 self.phase = "start"
-            else:
-                xy = ee[:2] + u * min(0.015, dist + 0.005) - lateral
+            else:  # aim just inside the cube's far side of the line: push and re-centre at once
+                xy = cube[:2] - u * (self.CONTACT - min(0.015, dist + 0.005))
                 return self.move(ee, np.array([xy[0], xy[1], self.PUSH_Z]), CLOSED)
         pre = cube[:2] - u * self.STANDOFF
         if np.linalg.norm(ee[:2] - pre) > 0.012:  # lift, then travel above the cube height

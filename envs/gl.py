@@ -28,7 +28,11 @@ def choose_backend() -> str:
     if os.environ.get("MUJOCO_GL"):
         return os.environ["MUJOCO_GL"]
     if "mujoco" in sys.modules:
-        logger.warning("mujoco was imported before envs; it keeps the GL backend it chose then")
+        logger.warning(
+            "mujoco was imported before envs with MUJOCO_GL unset, so it chose a windowed GL "
+            "backend; headless rendering needs MUJOCO_GL=egl (or osmesa) set before mujoco is "
+            "imported, or `import envs` first"
+        )
         return ""
     backend = "egl"
     if ctypes.util.find_library("EGL") is None and ctypes.util.find_library("OSMesa") is not None:
@@ -39,12 +43,27 @@ def choose_backend() -> str:
     return backend
 
 
+_gl_pid: int | None = None  # the process that first opened a GL context
+
+
 def make_renderer(model, height: int, width: int):
     """A mujoco.Renderer, or one RenderingUnavailableError that names the packages to install."""
+    global _gl_pid
     import mujoco
 
+    if _gl_pid is not None and _gl_pid != os.getpid():
+        # Mesa/EGL state does not survive fork(): rendering in the child would hang.
+        raise RenderingUnavailableError(
+            "this process was forked after its parent had opened an OpenGL context, and "
+            "rendering here would hang; start workers with the 'spawn' or 'forkserver' method, "
+            "e.g. gymnasium.vector.AsyncVectorEnv(env_fns, context='spawn')"
+        )
     try:
-        return mujoco.Renderer(model, height=height, width=width)
+        renderer = mujoco.Renderer(model, height=height, width=width)
+        _gl_pid = os.getpid()
+        if _renderer_name is None:
+            _log_renderer_name(renderer)
+        return renderer
     except Exception as err:  # the backends raise ImportError, RuntimeError, GLError, ...
         raise RenderingUnavailableError(
             f"MuJoCo could not open an OpenGL context (MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}): "
@@ -55,25 +74,27 @@ def make_renderer(model, height: int, width: int):
 _renderer_name: str | None = None
 
 
-def gl_renderer_name() -> str:
-    """The GL_RENDERER string of the context MuJoCo renders with (e.g. 'llvmpipe ...' = software)."""
+def _log_renderer_name(renderer) -> None:
+    """Read GL_RENDERER from a fresh renderer's context and log it, once per process."""
     global _renderer_name
+    from OpenGL import GL
+
+    renderer.render()  # makes its context current
+    raw = GL.glGetString(GL.GL_RENDERER)
+    _renderer_name = raw.decode() if isinstance(raw, bytes) else str(raw)
+    software = any(s in _renderer_name.lower() for s in ("llvmpipe", "softpipe", "swrast"))
+    logger.info(
+        "MuJoCo renders with %s (%s, MUJOCO_GL=%s)",
+        _renderer_name,
+        "software rendering on the CPU: slow" if software else "hardware",
+        os.environ.get("MUJOCO_GL"),
+    )
+
+
+def gl_renderer_name() -> str:
+    """The GL_RENDERER string MuJoCo renders with (e.g. 'llvmpipe ...' = software rendering)."""
     if _renderer_name is None:
         import mujoco
-        from OpenGL import GL
 
-        renderer = make_renderer(mujoco.MjModel.from_xml_string("<mujoco/>"), 16, 16)
-        try:
-            renderer.render()  # makes the context current
-            raw = GL.glGetString(GL.GL_RENDERER)
-            _renderer_name = raw.decode() if isinstance(raw, bytes) else str(raw)
-        finally:
-            renderer.close()
-        software = any(s in _renderer_name.lower() for s in ("llvmpipe", "softpipe", "swrast"))
-        logger.info(
-            "MuJoCo renders with %s (%s, MUJOCO_GL=%s)",
-            _renderer_name,
-            "software: slow" if software else "hardware",
-            os.environ.get("MUJOCO_GL"),
-        )
+        make_renderer(mujoco.MjModel.from_xml_string("<mujoco/>"), 16, 16).close()
     return _renderer_name

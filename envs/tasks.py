@@ -72,11 +72,12 @@ class PushEnv(TabletopEnv):
             d = np.linalg.norm(pad - cube)
             if not 0.12 <= d <= 0.2:
                 continue
-            # keep the distractor cube out of the pushing corridor (incl. the pre-push spot)
+            # keep the distractor cube well clear of the pushing corridor (incl. the pre-push
+            # spot): the pushed cube drifts sideways a little and the pusher comes back behind it
             u = (pad - cube) / d
             start = cube - 0.09 * u
             t = np.clip(np.dot(other_cube - start, u), 0.0, d + 0.09)
-            if np.linalg.norm(other_cube - (start + t * u)) > 0.09:
+            if np.linalg.norm(other_cube - (start + t * u)) > 0.12:
                 break
         self.set_cube(0, cube, yaw=_yaw(rng))
         self.set_cube(1, other_cube, yaw=_yaw(rng))
