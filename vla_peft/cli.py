@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     pre = sub.add_parser("pretrain-base", help="pretrain the tiny CPU base VLM on simulator scenes (no actions)")
     pre.add_argument("--out", required=True, help="checkpoint directory to write")
-    pre.add_argument("--steps", type=int, default=1500, help="training steps of batch 64 (default: 1500)")
+    pre.add_argument("--steps", type=int, default=1200, help="training steps of 16 images x 4 questions (default: 1200)")
     pre.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this much training time")
     pre.add_argument("--seed", type=int, default=0, help="seed of scenes, weights and batches (default: 0)")
     pre.add_argument("--resume", action="store_true", help="continue the run already in --out")

@@ -38,10 +38,11 @@ RECIPE_FILE = "pretrain_recipe.json"
 class PretrainConfig:
     """Everything that decides the result; written beside the checkpoint."""
 
-    steps: int = 1500
+    steps: int = 1200
     seed: int = 0
-    batch_size: int = 64
-    lr: float = 1e-3
+    batch_size: int = 16  # images per step
+    turns: int = 4  # questions per image (multi-turn), so 64 answers per step
+    lr: float = 2e-3
     warmup: int = 100
     weight_decay: float = 0.01
     easy_fraction: float = 0.2  # share of steps drawn from the easy question mix
@@ -53,7 +54,8 @@ class PretrainConfig:
 
 
 class QATokenizer:
-    """Token ids of "<s>USER: <image>*N\\n{question} ASSISTANT:{answer}</s>", cached per string."""
+    """Token ids of LLaVA-1.5 turns, cached per string:
+    "<s>USER: <image>*N\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>..."."""
 
     def __init__(self, tokenizer, num_image_tokens: int) -> None:
         self.tok = tokenizer
@@ -66,12 +68,16 @@ class QATokenizer:
             self._cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
         return self._cache[text]
 
-    def prompt(self, question: str) -> list[int]:
-        head = [self.tok.bos_token_id] + self._ids("USER: ")
-        return head + [self.image_id] * self.n + self._ids(f"\n{question} ASSISTANT:")
-
-    def answer(self, answer: str) -> list[int]:
-        return self._ids(answer) + [self.tok.eos_token_id]
+    def conversation(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[bool]]:
+        """Token ids and, per token, whether it is an answer token (the only ones with loss)."""
+        ids = [self.tok.bos_token_id] + self._ids("USER: ") + [self.image_id] * self.n
+        is_answer = [False] * len(ids)
+        for k, (question, answer) in enumerate(turns):
+            prompt = self._ids(f"\n{question} ASSISTANT:" if k == 0 else f"USER: {question} ASSISTANT:")
+            reply = self._ids(answer) + [self.tok.eos_token_id]
+            ids += prompt + reply
+            is_answer += [False] * len(prompt) + [True] * len(reply)
+        return ids, is_answer
 
 
 def fit_image_norm(scenes: SceneSet) -> ImageNorm:
@@ -86,39 +92,52 @@ def fit_image_norm(scenes: SceneSet) -> ImageNorm:
     return ImageNorm(means=means, std=math.sqrt(residual_sq / count))
 
 
-def collate(items: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(items: list[tuple[list[int], list[bool]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded input_ids / attention_mask / labels (loss on the answer tokens only)."""
-    length = max(len(p) + len(a) for p, a in items)
+    length = max(len(ids) for ids, _ in items)
     ids = torch.full((len(items), length), pad_id)
     labels = torch.full((len(items), length), -100)
     mask = torch.zeros((len(items), length), dtype=torch.long)
-    for i, (p, a) in enumerate(items):
-        seq = p + a
-        ids[i, : len(seq)] = torch.tensor(seq)
-        labels[i, len(p) : len(seq)] = torch.tensor(a)
+    for i, (seq, is_answer) in enumerate(items):
+        seq_t = torch.tensor(seq)
+        ids[i, : len(seq)] = seq_t
+        labels[i, : len(seq)] = seq_t.masked_fill(~torch.tensor(is_answer), -100)
         mask[i, : len(seq)] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def draw_questions(scenes: SceneSet, mix: dict[str, float], n: int, rng: np.random.Generator):
-    """``n`` (image index, qtype, question, answer) drawn with the mix's weights."""
+def draw_conversations(
+    scenes: SceneSet, mix: dict[str, float], n_images: int, turns: int, rng: np.random.Generator
+) -> list[tuple[int, list[tuple[str, str, str]]]]:
+    """``n_images`` (image index, [(qtype, question, answer)] * turns), types drawn with the mix's weights.
+
+    Several questions share one image, as in LLaVA's multi-turn data: the image tokens, most of
+    each sequence, are then paid once per ``turns`` answers. No question repeats in a conversation.
+    """
     types = list(mix)
-    weights = np.array([mix[t] for t in types], dtype=float)
+    p = np.array([mix[t] for t in types], dtype=float)
+    p /= p.sum()
     out = []
-    while len(out) < n:
+    while len(out) < n_images:
         i = int(rng.integers(len(scenes)))
-        qtype = types[rng.choice(len(types), p=weights / weights.sum())]
-        qa = ask(scenes.annotations[i], qtype, rng)
-        if qa is not None:
-            out.append((i, qtype, *qa))
+        chat: list[tuple[str, str, str]] = []
+        for _ in range(4 * turns):
+            qtype = types[rng.choice(len(types), p=p)]
+            qa = ask(scenes.annotations[i], qtype, rng)
+            if qa is not None and all(qa[0] != q for _, q, _ in chat):
+                chat.append((qtype, *qa))
+            if len(chat) == turns:
+                break
+        if chat:
+            out.append((i, chat))
     return out
 
 
-def make_batch(scenes: SceneSet, norm: ImageNorm, qat: QATokenizer, questions) -> dict[str, torch.Tensor]:
-    batch = collate([(qat.prompt(q), qat.answer(a)) for _, _, q, a in questions], qat.tok.pad_token_id)
-    idx = torch.tensor([i for i, *_ in questions])
-    cams = [scenes.annotations[i]["camera"] for i, *_ in questions]
-    means = torch.stack([norm.means[c] for c in cams])
+def make_batch(scenes: SceneSet, norm: ImageNorm, qat: QATokenizer, conversations) -> dict[str, torch.Tensor]:
+    items = [qat.conversation([(q, a) for _, q, a in chat]) for _, chat in conversations]
+    batch = collate(items, qat.tok.pad_token_id)
+    idx = torch.tensor([i for i, _ in conversations])
+    means = torch.stack([norm.means[scenes.annotations[i]["camera"]] for i, _ in conversations])
     pixels = scenes.images[idx].permute(0, 3, 1, 2).float().div_(255.0)
     batch["pixel_values"] = (pixels - means).div_(norm.std)
     return batch
@@ -133,7 +152,15 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, scenes: SceneSet, norm: ImageNorm, qat: QATokenizer, per_type: int, seed: int) -> dict:
+def evaluate(
+    model,
+    scenes: SceneSet,
+    norm: ImageNorm,
+    qat: QATokenizer,
+    per_type: int,
+    seed: int,
+    types: tuple[str, ...] = tuple(QUESTION_TYPES),
+) -> dict:
     """Exact-match accuracy per question type on ``scenes``, beside the majority-answer baseline.
 
     Teacher-forced: an answer counts as right when every answer token is the model's argmax,
@@ -142,8 +169,8 @@ def evaluate(model, scenes: SceneSet, norm: ImageNorm, qat: QATokenizer, per_typ
     model.eval()
     rng = np.random.default_rng(seed)
     report = {}
-    for qtype in QUESTION_TYPES:
-        questions = draw_questions(scenes, {qtype: 1.0}, per_type, rng)
+    for qtype in types:
+        questions = draw_conversations(scenes, {qtype: 1.0}, per_type, 1, rng)
         correct = 0
         for start in range(0, len(questions), 64):
             chunk = questions[start : start + 64]
@@ -153,7 +180,7 @@ def evaluate(model, scenes: SceneSet, norm: ImageNorm, qat: QATokenizer, per_typ
             target = labels[:, 1:]
             ok = (logits.argmax(-1) == target) | (target == -100)
             correct += int(ok.all(dim=1).sum())
-        answers = [a for *_, a in questions]
+        answers = [chat[0][2] for _, chat in questions]
         majority = max(answers.count(a) for a in set(answers)) / len(answers)
         report[qtype] = {"accuracy": correct / len(questions), "chance": majority, "n": len(questions)}
     return report
@@ -262,7 +289,9 @@ def pretrain(
     start = 0
     if resume and state_file.is_file():
         start, saved = _load_state(state_file, model, optimizer)
-        if saved != _config_dict(cfg):
+        # More --steps may extend a finished run (the cosine then follows the new total);
+        # anything else must match, or the result would belong to no recipe.
+        if {**saved, "steps": cfg.steps} != _config_dict(cfg) or cfg.steps < start:
             raise ValueError(f"{out} was started with a different recipe ({saved}); resume it with the same options")
     num_image_tokens = (spec.image_size // spec.patch_size) ** 2
     qat = QATokenizer(tokenizer, num_image_tokens)
@@ -275,7 +304,7 @@ def pretrain(
     for step in bar:
         rng = np.random.default_rng([cfg.seed, step])
         mix = EASY_MIX if step < cfg.easy_fraction * cfg.steps else FULL_MIX
-        batch = make_batch(train, norm, qat, draw_questions(train, mix, cfg.batch_size, rng))
+        batch = make_batch(train, norm, qat, draw_conversations(train, mix, cfg.batch_size, cfg.turns, rng))
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         loss = model(**batch).loss
@@ -283,11 +312,11 @@ def pretrain(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
         out_of_time = minutes is not None and time.monotonic() - began > 60 * minutes
-        if (step + 1) % 500 == 0 or out_of_time:
+        if (step + 1) % 200 == 0 or out_of_time:
             _save_state(state_file, model, optimizer, step + 1, cfg)
         if out_of_time:
             step += 1
@@ -305,7 +334,8 @@ def pretrain(
         "steps_planned": cfg.steps,
         "train_seconds_this_run": round(seconds, 1),
         "torch_threads": torch.get_num_threads(),
-        "final_loss": float(np.mean(losses[-50:])) if losses else None,
+        "initial_loss": float(np.mean(losses[: max(1, min(10, len(losses) // 4))])) if losses else None,
+        "final_loss": float(np.mean(losses[-max(1, min(50, len(losses) // 4)) :])) if losses else None,
         "held_out": evaluate(model, held_out, norm, qat, cfg.eval_per_type, seed=cfg.seed + 7),
     }
     _atomic_json(out / EVAL_FILE, report)
@@ -325,9 +355,17 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def load_pretrained_norm(path: str | Path) -> ImageNorm:
-    """The base's input normalisation; a clear error if the checkpoint was not made here."""
+def evaluate_checkpoint(
+    path: str | Path, images: int, per_type: int, seed: int, types: tuple[str, ...] = tuple(QUESTION_TYPES)
+) -> dict:
+    """Score a saved base on freshly rendered scenes (``seed`` should differ from its training seed)."""
+    from vla_peft.models import load_vlm
+
+    model, processor = load_vlm(path)
     norm = load_image_norm(path)
-    if norm is None:
-        raise FileNotFoundError(f"{path} has no image_norm.safetensors; it is not a `vla-peft pretrain-base` checkpoint")
-    return norm
+    if norm is None or processor is None:
+        raise FileNotFoundError(f"{path} lacks image_norm.safetensors or its processor; it is not a `vla-peft pretrain-base` checkpoint")
+    size = model.config.vision_config.image_size
+    scenes = render_scenes(images, seed=seed, image_size=size, progress=False)
+    qat = QATokenizer(processor.tokenizer, model.config.image_seq_length)
+    return evaluate(model, scenes, norm, qat, per_type, seed, types)

@@ -1,0 +1,128 @@
+"""The tiny base's pretraining: questions agree with the simulator, training learns, resumes, loads."""
+
+from __future__ import annotations
+
+import shutil
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import envs  # noqa: F401  (registers the tasks, picks the GL backend)
+from envs.scene import COLOURS
+from vla_peft.models import load_vlm
+from vla_peft.models.image_norm import load_image_norm
+from vla_peft.pretrain.questions import ask
+from vla_peft.pretrain.scenes import SceneSet, describe, render_scenes
+from vla_peft.pretrain.base import SHIPPED, default_base_path
+from vla_peft.pretrain.train import PretrainConfig, evaluate_checkpoint, pretrain
+
+
+def test_projected_objects_show_their_colour_in_the_rendered_image():
+    """Every visible cube/pad projects onto a pixel of its own colour (privileged state == pixels)."""
+    env = gym.make("vla_peft/Push-v0", image_size=64, render_images=False)
+    checked = 0
+    try:
+        for seed in range(6):
+            env.reset(seed=seed)
+            for camera in ("agentview", "wrist"):
+                image = env.unwrapped.render_camera(camera).astype(float) / 255
+                for o in describe(env, camera)["objects"]:
+                    if not o["visible"]:
+                        continue
+                    x, y = int(o["u"] * 64), int(o["v"] * 64)
+                    patch = image[max(0, y - 1) : y + 2, max(0, x - 1) : x + 2].reshape(-1, 3)
+                    distances = {c: np.min(np.linalg.norm(patch - np.array(rgb), axis=1)) for c, rgb in COLOURS.items()}
+                    assert min(distances, key=distances.get) == o["colour"], (seed, camera, o)
+                    checked += 1
+    finally:
+        env.close()
+    assert checked >= 20
+
+
+def test_answers_agree_with_privileged_state():
+    """exists / count / left-right answers follow the env's own colours and world positions."""
+    env = gym.make("vla_peft/Reach-v0", image_size=64, render_images=False)
+    rng = np.random.default_rng(0)
+    try:
+        for seed in range(20):
+            env.reset(seed=seed)
+            base, state = env.unwrapped, env.unwrapped.privileged_state()
+            scene = describe(env, "agentview")  # at reset every cube is in the agentview image
+            assert ask(scene, "count", rng) in {("how many cubes are there?", " three"), ("how many pads are there?", " zero")}
+            question, answer = next(qa for qa in iter(lambda: ask(scene, "exists", rng), 0) if qa is not None)
+            colour, kind = question.removeprefix("is there a ").removesuffix("?").split()
+            assert answer == (" yes" if kind == "cube" and colour in base.cube_colours else " no")
+            for _ in range(5):
+                qa = ask(scene, "relation", rng)
+                if qa is None or not any(w in qa[0] for w in (" left of ", " right of ")):
+                    continue
+                words = qa[0].removeprefix("is the ").removesuffix("?").split()
+                a, b = base.cube_colours.index(words[0]), base.cube_colours.index(words[-2])
+                # the agentview camera looks along -x, so image-right is world +y
+                a_left_of_b = state["cube_pos"][a][1] < state["cube_pos"][b][1]
+                assert qa[1] == (" yes" if a_left_of_b == (words[2] == "left") else " no"), (seed, qa)
+    finally:
+        env.close()
+
+
+TINY = dict(steps=8, batch_size=4, turns=4, warmup=2, train_images=48, eval_images=24, eval_per_type=4, easy_fraction=0.25)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("base")
+    return out, pretrain(out, PretrainConfig(**TINY, lr=3e-3), threads=1)
+
+
+def test_pretraining_reduces_loss_and_writes_a_loadable_checkpoint(trained):
+    out, report = trained
+    assert report["final_loss"] < report["initial_loss"] - 0.5
+    model, processor = load_vlm(out)
+    assert processor is not None and processor.tokenizer.decode(processor.tokenizer("where is the red cube?")["input_ids"]) == "where is the red cube?"
+    norm = load_image_norm(out)
+    scenes = SceneSet.load(out / "train_state" / "scenes_eval.safetensors")
+    pixels = norm.pixel_values(scenes.images[:2].numpy(), scenes.annotations[0]["camera"])
+    assert pixels.shape == (2, 3, 64, 64) and abs(float(pixels.mean())) < 1.0
+    assert set(report["held_out"]) >= {"where", "region", "colour_of", "exists", "caption"}
+    assert (out / "pretrain_eval.json").is_file() and not list(out.glob("*.tmp"))
+
+
+def _saved_step(out) -> int:
+    with safe_open(str(out / "train_state" / "state.safetensors"), framework="pt") as f:
+        return int(f.metadata()["step"])
+
+
+@pytest.mark.slow
+def test_resumed_run_ends_where_an_uninterrupted_one_does(trained, tmp_path):
+    out_full, _ = trained
+    cfg = PretrainConfig(**TINY, lr=3e-3)
+    shutil.copytree(out_full / "train_state", tmp_path / "train_state", ignore=shutil.ignore_patterns("state.*"))
+    pretrain(tmp_path, cfg, resume=True, minutes=0.0, threads=1)  # stops (and saves) after its first step
+    assert _saved_step(tmp_path) == 1
+    with pytest.raises(FileExistsError):
+        pretrain(tmp_path, cfg, threads=1)
+    report = pretrain(tmp_path, cfg, resume=True, threads=1)
+    assert report["steps_done"] == cfg.steps
+    resumed, full = load_file(tmp_path / "model.safetensors"), load_file(out_full / "model.safetensors")
+    for name, tensor in full.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_scene_rendering_is_deterministic():
+    a, b = render_scenes(6, seed=3, image_size=64, progress=False), render_scenes(6, seed=3, image_size=64, progress=False)
+    assert torch.equal(a.images, b.images) and a.annotations == b.annotations
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(), reason="no base shipped in this checkout")
+def test_shipped_base_grounds_colours_well_above_chance():
+    """The shipped base, on scenes it never saw, binds colour words to places."""
+    path = default_base_path(build=False)  # the shipped copy: returns at once, never trains
+    assert path == SHIPPED
+    report = evaluate_checkpoint(path, images=48, per_type=50, seed=424242, types=("where", "region", "colour_of"))
+    for qtype, r in report.items():
+        assert r["accuracy"] > r["chance"] + 0.15, (qtype, r)
