@@ -103,6 +103,30 @@ def cmd_pretrain_base(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Load the base once and every task bundle under --bank, then serve actions until SIGINT/SIGTERM."""
+    import os
+
+    from vla_peft.serve.server import is_loopback, load_bank, run_server
+
+    token = args.token or os.environ.get("VLA_PEFT_SERVE_TOKEN") or None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if not is_loopback(args.host) and not token:  # refuse before the (slow) model load
+        raise ValueError(f"--host {args.host} exposes the robot policy beyond this machine; set a shared token "
+                         "(--token or VLA_PEFT_SERVE_TOKEN) or bind to 127.0.0.1")
+    bank = load_bank(args.bank, base=args.base, mode=args.mode)
+    print(f"serving {len(bank.names)} task(s) {bank.names} on http://{args.host}:{args.port} "
+          f"({args.mode} swaps, token {'on' if token else 'off'}); Ctrl-C stops", flush=True)
+    run_server(bank, host=args.host, port=args.port, token=token,
+               max_request_bytes=int(args.max_request_mb * 1024 * 1024), max_batch=args.max_batch,
+               grace_s=args.grace_s, max_connections=args.max_connections, log_level=args.log_level)
+    print("server stopped", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-peft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,10 +141,36 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=500 method.r=8")
     train.set_defaults(func=cmd_train)
+    add_data_commands(sub)
+    serve = sub.add_parser("serve", help="serve actions to robots over HTTP, switching task adapters on one base")
+    serve.add_argument("--bank", required=True,
+                       help="folder of task bundles: <task>/bundle.json or <task>/bundle/bundle.json (train's runs/)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind; anything but loopback requires a token (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    serve.add_argument("--base", default=None, help="base checkpoint (default: the one the first bundle names)")
+    serve.add_argument("--mode", default="unmerged", choices=["unmerged", "merged"],
+                       help="unmerged: swap by switching the active LoRA; merged: fold it into the weights "
+                            "(default: unmerged)")
+    serve.add_argument("--token", default=None,
+                       help="shared token clients send as the header 'Authorization: Bearer TOKEN' "
+                            "(default: $VLA_PEFT_SERVE_TOKEN, else no token)")
+    serve.add_argument("--max-request-mb", type=float, default=8.0,
+                       help="largest request body accepted, 413 above (default: 8)")
+    serve.add_argument("--max-batch", type=int, default=16,
+                       help="most requests of one task in one forward pass (default: 16)")
+    serve.add_argument("--max-connections", type=int, default=64,
+                       help="concurrent connections, 503 above (default: 64)")
+    serve.add_argument("--grace-s", type=float, default=10.0,
+                       help="on SIGINT/SIGTERM, seconds requests in flight get to finish (default: 10)")
+    serve.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads for inference; 1 suits a machine shared with the robot's own "
+                            "processes (default: torch's choice)")
+    serve.add_argument("--log-level", default="warning", help="uvicorn log level (default: warning)")
+    serve.set_defaults(func=cmd_serve)
     from vla_peft.eval.command import add_eval_parser
 
     add_eval_parser(sub)
-    add_data_commands(sub)
     pre = sub.add_parser("pretrain-base", help="pretrain the tiny CPU base VLM on simulator scenes (no actions)")
     pre.add_argument("--out", required=True, help="checkpoint directory to write")
     pre.add_argument("--steps", type=int, default=1200, help="training steps of 16 images x 4 questions (default: 1200)")
