@@ -220,3 +220,26 @@ def test_config_file_with_flags_overriding_it(bundles, tmp_path, capsys):
     assert THIRD_PARTY in capsys.readouterr().out  # the summary table
     assert main(["eval", "--bank", str(tmp_path), "--tasks", "Nope", "--no-progress"]) == 2
     assert "no bundle for task 'Nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ensemble", [0.0, 0.5])
+def test_per_slot_action_queues_follow_select_action(ensemble):
+    """The evaluator's per-env chunking gives, step for step, what VLAPolicy.select_action gives."""
+    from collections import deque
+    from types import SimpleNamespace
+
+    from vla_peft.eval.rollout import ActionQueues
+    from vla_peft.policy import PolicyConfig, VLAPolicy
+
+    config = PolicyConfig(image_size=32, state_dim=5, chunk_size=4, execute_steps=3, temporal_ensemble=ensemble)
+    chunks = np.random.default_rng(0).uniform(-1, 1, (12, 4, 4)).astype(np.float32)
+    calls = iter(range(12))
+    stub = SimpleNamespace(config=config, _queue=deque(), _history=[], _step=0,
+                           predict_chunk=lambda obs, binarize_gripper=None: chunks[next(calls)])
+    queues, used = ActionQueues(1, config), 0
+    for _ in range(10):
+        expected = VLAPolicy.select_action(stub, {})
+        if queues.needs_chunk(0):
+            queues.push(0, chunks[used])
+            used += 1
+        np.testing.assert_allclose(queues.pop(0), expected, atol=1e-6)

@@ -66,7 +66,8 @@ def test_gradients_only_in_adapters_and_closed_form_counts(tiny_llava_dir):
     for adapter in adapters:
         d = adapter.up.out_features
         assert sum(p.numel() for p in adapter.parameters()) == 2 * d * M + d + M
-    widths = {128: 4, 256: 4}  # tiny base: CLIP 128 wide, Llama 256 wide, 2 layers × 2 places each
+    vision, text = model.config.vision_config, model.config.text_config
+    widths = {vision.hidden_size: 2 * vision.num_hidden_layers, text.hidden_size: 2 * text.num_hidden_layers}  # 2 places a layer
     assert sorted(a.up.out_features for a in adapters) == sorted(w for w, n in widths.items() for _ in range(n))
 
     injected = {id(p) for adapter in adapters for p in adapter.parameters()}

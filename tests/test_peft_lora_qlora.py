@@ -22,7 +22,8 @@ def test_targets_are_nf4_double_quant(qmodel):
 
     inject(qmodel, QLORA)
     layers = lora_layers(qmodel)
-    assert len(layers) == 2 * 6 + 2 + 2 * 7  # qlora.yaml: attention + MLP of both towers, projector
+    n_vision, n_text = qmodel.config.vision_config.num_hidden_layers, qmodel.config.text_config.num_hidden_layers
+    assert len(layers) == n_vision * 6 + 2 + n_text * 7  # qlora.yaml: attention + MLP of both towers, projector
     for layer in layers.values():
         assert isinstance(layer.base_layer, bnb.nn.Linear4bit)
         assert layer.base_layer.weight.quant_type == "nf4"

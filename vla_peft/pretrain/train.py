@@ -289,7 +289,9 @@ def pretrain(
     start = 0
     if resume and state_file.is_file():
         start, saved = _load_state(state_file, model, optimizer)
-        if saved != _config_dict(cfg):
+        # More --steps may extend a finished run (the cosine then follows the new total);
+        # anything else must match, or the result would belong to no recipe.
+        if {**saved, "steps": cfg.steps} != _config_dict(cfg) or cfg.steps < start:
             raise ValueError(f"{out} was started with a different recipe ({saved}); resume it with the same options")
     num_image_tokens = (spec.image_size // spec.patch_size) ** 2
     qat = QATokenizer(tokenizer, num_image_tokens)
