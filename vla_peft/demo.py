@@ -98,10 +98,12 @@ def resolve_method(method: str) -> str:
     return str(ROOT / method)
 
 
-def method_label(method) -> str:
-    if method is None:
+def method_label(run) -> str:
+    """The method's name; LoRA over a 4-bit base is QLoRA, whichever setting asked for the 4 bits."""
+    if run.method is None:
         return "head-only"
-    return "qlora" if getattr(method, "load_in_4bit", False) else method.method
+    four_bit = getattr(run.method, "load_in_4bit", False) or run.policy.load_in_4bit
+    return "qlora" if four_bit and run.method.method == "lora" else run.method.method
 
 
 def prepare_task(task: str, config: DemoConfig, base: str, out: Path, own: dict, run_overrides: list[str]):
@@ -159,14 +161,14 @@ def run_demo(config: DemoConfig) -> dict:
     for task, (collect_config, run) in prepared.items():
         print(f"\n== {task}: collect {collect_config.episodes} expert demonstrations", flush=True)
         collected = collect(collect_config)
-        print(f"== {task}: train {method_label(run.method)} for {run.train.steps} steps", flush=True)
+        print(f"== {task}: train {method_label(run)} for {run.train.steps} steps", flush=True)
         result = train(run)
         policy = result.policy
         total = sum(numel(p) for p in policy.parameters())  # 4-bit weights counted unpacked
         trainable = result.summary["trainable_parameters"]
         bundles[task] = Path(result.summary["bundle"])
         rows[task] = {
-            "task": task, "method": method_label(run.method), "trainable_parameters": trainable,
+            "task": task, "method": method_label(run), "trainable_parameters": trainable,
             "total_parameters": total, "trainable_percent": round(100 * trainable / total, 3),
             "demos": collected["episodes_kept"], "demo_frames": collected["frames"],
             "collect_s": round(collected["seconds"], 1), "train_steps": run.train.steps,
