@@ -1,6 +1,13 @@
-import pytest
-import torch
+import os
 
+# The tiny models here are too small for a second thread to pay: measured on the 2-core CI
+# machine, the suite ran 2.3x faster on one thread. Subprocesses (server, torchrun) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 torch.set_flush_denormal(True)
 
 
