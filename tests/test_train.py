@@ -176,6 +176,8 @@ def test_run_config_overrides_and_errors(tiny_llava_dir, demos, tmp_path):
     path.write_text(f"policy: {{base: {tiny_llava_dir}}}\nmethod: none\ndata: {{paths: [{demos}]}}\n")
     run = load_run_config(path, ["train.steps=7", "policy.head=discrete", "train.lr=1e-4"])
     assert (run.train.steps, run.policy.head, run.train.lr, run.method) == (7, "discrete", 1e-4, None)
+    swapped = load_run_config(path, [f"method={REPO / 'configs/peft/adapter.yaml'}", "method.bottleneck=8"])
+    assert (swapped.method.method, swapped.method.bottleneck) == ("adapter", 8)
     with pytest.raises(ValueError, match="unknown key 'stepz'.*steps"):
         load_run_config(path, ["train.stepz=7"])
     with pytest.raises(ValueError, match="section.key=value"):

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from vla_peft.policy.config import PolicyConfig
-from vla_peft.policy.heads import ContinuousHead, DiscreteHead
 from vla_peft.data.augment import ImageAugment, to_float_chw
 from vla_peft.data.stats import Normalizer
+from vla_peft.policy.config import PolicyConfig
+from vla_peft.policy.heads import ContinuousHead, DiscreteHead
 from vla_peft.policy.image import PixelNormalizer, check_camera_image, check_size
 from vla_peft.policy.peft_link import inject_method
 

@@ -3,7 +3,7 @@
 The YAML has four sections (``policy``, ``method``, ``data``, ``train``); ``key=value``
 overrides address them with dotted names (``train.steps=500``, ``method.r=8``).
 ``method`` is a path to a PEFT config (``configs/peft/lora.yaml``), an inline mapping,
-or ``none`` for head-only training.
+or ``none`` for head-only training; ``method=<path>`` on the command line swaps it.
 """
 
 from __future__ import annotations
@@ -116,7 +116,11 @@ def load_run_config(source: str | Path | dict, overrides: list[str] | None = Non
     unknown = set(raw) - {"policy", "method", "data", "train"}
     if unknown:
         raise ValueError(f"training config: unknown section(s) {sorted(unknown)}; use policy, method, data, train")
-    extra = parse_overrides(overrides or [])
+    overrides = list(overrides or [])
+    swapped = [o for o in overrides if o.startswith("method=")]  # method=<yaml path | none> replaces the section
+    extra = parse_overrides([o for o in overrides if o not in swapped])
+    if swapped:
+        raw["method"] = swapped[-1].partition("=")[2]
     policy = {**(raw.get("policy") or {}), **extra.get("policy", {})}
     data = {**(raw.get("data") or {}), **extra.get("data", {})}
     train = {**(raw.get("train") or {}), **extra.get("train", {})}

@@ -139,6 +139,8 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True) -> TrainR
         log = MetricsLog(out / "metrics.jsonl", resume_step=start if resume else None,
                          tensorboard_dir=out / "tensorboard" if cfg.tensorboard else None)
     trainable = sum(p.numel() for p in named.values())
+    if main and progress and policy.peft_report is not None:
+        print(policy.peft_report)
     bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and main), desc="train", dynamic_ncols=True)
 
     # --- steps
