@@ -49,6 +49,8 @@ def split_overrides(pairs: list[str]) -> tuple[dict[str, dict], list[str]]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         section, dot, name = key.partition(".")
+        if sep and key == "method":
+            raise ValueError(f"override {pair!r}: choose the method with --method {value} (overrides are section.key=value)")
         if not sep or not dot:
             raise ValueError(f"override {pair!r} must look like section.key=value (e.g. train.steps=300)")
         if section in own:
