@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 PAD = 0  # the tiny tokenizer's <pad>
@@ -68,3 +70,12 @@ def assert_generate_matches_reference(model, inputs: dict, steps: int = 4) -> No
 
 
 SEQUENCES = [[20, 31, 42, 53, 64, 75, 86], [101, 112, 123, 134]]
+
+
+def lm_of(model):
+    return model.model.language_model
+
+
+def cache_key(lm) -> str:
+    """The KV-cache argument's name: `cache` from transformers 5.24, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"

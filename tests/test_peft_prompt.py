@@ -1,12 +1,10 @@
 """Prompt tuning on the tiny LLaVA: inputs, masks, positions, gradients, padding, generate."""
 
-import inspect
 from pathlib import Path
 
 import pytest
 import torch
-from peft_lm_inputs import SEQUENCES, assert_generate_matches_reference, image_prompt, padded, positions
-from transformers.cache_utils import DynamicCache
+from peft_lm_inputs import SEQUENCES, cache_key, image_prompt, lm_of, padded, positions
 
 from vla_peft.models import load_vlm
 from vla_peft.peft.config import load_method_config
@@ -22,12 +20,6 @@ def load(tiny_llava_dir, **config):
     return model, modules
 
 
-def lm_of(model):
-    return model.model.language_model
-
-
-def cache_key(lm) -> str:
-    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
 
 def test_soft_tokens_mask_and_positions_are_prepended_and_trimmed(tiny_llava_dir):
@@ -88,69 +80,6 @@ def test_gradients_only_in_soft_tokens_and_count(tiny_llava_dir):
             assert param.grad is not None and param.grad.abs().sum() > 0, name
         else:
             assert param.grad is None and not param.requires_grad, name
-
-
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_padded_batch_matches_each_sample_alone(tiny_llava_dir, side):
-    model, _ = load(tiny_llava_dir)
-    ids, mask = padded(SEQUENCES, side)
-    # Right padding needs no positions; left padding needs positions that skip the pads,
-    # exactly as for the base model (generate computes them this way).
-    extra = {"position_ids": positions(mask)} if side == "left" else {}
-    with torch.no_grad():
-        batch = model(input_ids=ids, attention_mask=mask, **extra).logits
-        for row, seq in enumerate(SEQUENCES):
-            alone = model(input_ids=torch.tensor([seq])).logits[0]
-            torch.testing.assert_close(batch[row, mask[row].bool()], alone, atol=1e-5, rtol=0)
-
-
-def test_generate_reproduces_uncached_greedy_and_is_deterministic(tiny_llava_dir):
-    model, _ = load(tiny_llava_dir)
-    with torch.no_grad():
-        assert_generate_matches_reference(model, image_prompt(model, SEQUENCES[0]))
-        ids, mask = padded(SEQUENCES, "left")
-        assert_generate_matches_reference(model, {"input_ids": ids, "attention_mask": mask})
-
-
-def test_generate_left_padded_batch_matches_each_sample_alone(tiny_llava_dir):
-    model, _ = load(tiny_llava_dir)
-    ids, mask = padded(SEQUENCES, "left")
-    with torch.no_grad():
-        batch = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
-        for row, seq in enumerate(SEQUENCES):
-            alone = model.generate(input_ids=torch.tensor([seq]), max_new_tokens=5, do_sample=False)
-            new = alone[0, len(seq) :]
-            assert torch.equal(batch[row, ids.shape[1] : ids.shape[1] + len(new)], new)
-
-
-def test_generate_disabled_equals_base_generate(tiny_llava_dir):
-    base, _ = load_vlm(tiny_llava_dir)
-    model, (prompt,) = load(tiny_llava_dir)
-    prompt.enabled = False
-    inputs = image_prompt(model, SEQUENCES[1])
-    with torch.no_grad():
-        expected = base.generate(**inputs, max_new_tokens=6, do_sample=False)
-        assert torch.equal(model.generate(**inputs, max_new_tokens=6, do_sample=False), expected)
-
-
-def test_inputs_embeds_route_with_a_cache(tiny_llava_dir):
-    """The route a policy takes: hand-built embeddings, a mask, and a cache carried across calls."""
-    model, _ = load(tiny_llava_dir)
-    lm = lm_of(model)
-    ids, mask = padded(SEQUENCES, "right")
-    embeds = lm.get_input_embeddings()(ids)
-    key = cache_key(lm)
-    with torch.no_grad():
-        full = lm(input_ids=ids, attention_mask=mask).last_hidden_state
-        via_embeds = lm(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        torch.testing.assert_close(via_embeds, full, atol=1e-6, rtol=0)
-        for pos in (None, positions(mask)):  # positions left to the model, or given as generate does
-            full = lm(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
-            given = {} if pos is None else {"position_ids": pos[:, :-1]}
-            first = lm(inputs_embeds=embeds[:, :-1], attention_mask=mask[:, :-1], **given, **{key: DynamicCache()})
-            given = {} if pos is None else {"position_ids": pos[:, -1:]}
-            step = lm(inputs_embeds=embeds[:, -1:], attention_mask=mask, **given, **{key: first[key]})
-            torch.testing.assert_close(step.last_hidden_state[:, 0], full[:, -1], atol=1e-5, rtol=0)
 
 
 def test_4d_mask_and_injecting_twice_are_refused(tiny_llava_dir):
