@@ -225,7 +225,6 @@ def test_config_file_with_flags_overriding_it(bundles, tmp_path, capsys):
 @pytest.mark.parametrize("ensemble", [0.0, 0.5])
 def test_per_slot_action_queues_follow_select_action(ensemble):
     """The evaluator's per-env chunking gives, step for step, what VLAPolicy.select_action gives."""
-    from collections import deque
     from types import SimpleNamespace
 
     from vla_peft.eval.rollout import ActionQueues
@@ -234,7 +233,7 @@ def test_per_slot_action_queues_follow_select_action(ensemble):
     config = PolicyConfig(image_size=32, state_dim=5, chunk_size=4, execute_steps=3, temporal_ensemble=ensemble)
     chunks = np.random.default_rng(0).uniform(-1, 1, (12, 4, 4)).astype(np.float32)
     calls = iter(range(12))
-    stub = SimpleNamespace(config=config, _queue=deque(), _history=[], _step=0,
+    stub = SimpleNamespace(config=config, _actions=ActionQueues(1, config),
                            predict_chunk=lambda obs, binarize_gripper=None: chunks[next(calls)])
     queues, used = ActionQueues(1, config), 0
     for _ in range(10):

@@ -8,7 +8,6 @@ and the policy, and two runs with the same seeds give the same rows.
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 import gymnasium as gym
@@ -18,6 +17,7 @@ from tqdm import tqdm
 
 from vla_peft.eval.guard import ErrorAsFailure
 from vla_peft.eval.keymap import KeyMap, KeyMapError, SlotView, split_infos
+from vla_peft.policy.action_queue import ActionQueues
 from vla_peft.eval.video import captioned
 
 
@@ -47,52 +47,6 @@ class Timing:
     slot_step_s: float = 0.0                               # sum over loop iterations of (duration x active slots)
     steps: int = 0                                         # env steps of running episodes
     wall_s: float = 0.0
-
-
-class ActionQueues:
-    """Per-slot action chunking for a batched policy, with the rules of ``VLAPolicy.select_action``:
-    execute ``execute_steps`` of each chunk then re-plan, or with ``temporal_ensemble`` m > 0
-    re-plan every step and average the overlapping predictions with weights exp(-m * age rank)."""
-
-    def __init__(self, num: int, config) -> None:
-        self.config = config
-        self.queues = [deque() for _ in range(num)]
-        self.history: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(num)]
-        self.step = [0] * num
-
-    def reset(self, slot: int) -> None:
-        self.queues[slot].clear()
-        self.history[slot] = []
-        self.step[slot] = 0
-
-    def needs_chunk(self, slot: int) -> bool:
-        return self.config.temporal_ensemble > 0 or not self.queues[slot]
-
-    @property
-    def actions_per_chunk(self) -> int:
-        return 1 if self.config.temporal_ensemble > 0 else self.config.execute_steps
-
-    def push(self, slot: int, chunk: np.ndarray) -> None:
-        if self.config.temporal_ensemble > 0:
-            self.history[slot].append((self.step[slot], chunk))
-        else:
-            self.queues[slot].extend(chunk[: self.config.execute_steps])
-
-    def pop(self, slot: int) -> np.ndarray:
-        m = self.config.temporal_ensemble
-        if m > 0:
-            now, k = self.step[slot], self.config.chunk_size
-            self.history[slot] = [(t, c) for t, c in self.history[slot] if now - t < k]
-            preds = np.stack([c[now - t] for t, c in self.history[slot]])
-            weights = np.exp(-m * np.arange(len(preds)))
-            action = np.tensordot(weights / weights.sum(), preds, axes=1).astype(np.float32)
-            grip = self.config.gripper_index
-            if grip is not None and self.config.binarize_gripper:
-                action[grip] = 1.0 if action[grip] >= 0 else -1.0
-        else:
-            action = self.queues[slot].popleft()
-        self.step[slot] += 1
-        return action
 
 
 class EnvMaker:
@@ -205,7 +159,7 @@ def run_episodes(
             if need:
                 batch = key_map.policy_obs(view, need)
                 t0 = time.perf_counter()
-                chunks = policy.predict_chunk(batch, binarize_gripper=False if policy.config.temporal_ensemble > 0 else None)
+                chunks = policy.predict_chunk(batch, binarize_gripper=queues.binarize_chunks)
                 dt = time.perf_counter() - t0
                 timing.chunk_s.append(dt)
                 timing.action_s.append(dt / (len(need) * queues.actions_per_chunk))

@@ -14,7 +14,6 @@ applies the same steps itself (same crop, same normalisers), then un-normalises.
 
 from __future__ import annotations
 
-from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from torch import nn
 
 from vla_peft.data.augment import ImageAugment, to_float_chw
 from vla_peft.data.stats import Normalizer
+from vla_peft.policy.action_queue import ActionQueues
 from vla_peft.policy.config import PolicyConfig
 from vla_peft.policy.heads import ContinuousHead, DiscreteHead
 from vla_peft.policy.image import PixelNormalizer, check_camera_image, check_size
@@ -237,30 +237,12 @@ class VLAPolicy(nn.Module):
 
     def reset(self) -> None:
         """Forget queued actions (call at every episode start)."""
-        self._queue: deque = deque()
-        self._history: list[tuple[int, np.ndarray]] = []
-        self._step = 0
+        self._actions = ActionQueues(1, self.config)
 
     def select_action(self, obs: dict) -> np.ndarray:
         """The next action: execute ``execute_steps`` of each predicted chunk, then re-plan;
         with ``temporal_ensemble`` > 0, re-plan every step and average every chunk's
         prediction for this step with weights exp(-m * age_rank) (ACT), oldest first."""
-        m = self.config.temporal_ensemble
-        if m > 0:
-            self._history.append((self._step, self.predict_chunk(obs, binarize_gripper=False)))
-            k = self.config.chunk_size
-            self._history = [(t, c) for t, c in self._history if self._step - t < k]
-            preds = np.stack([c[..., self._step - t, :] for t, c in self._history])
-            weights = np.exp(-m * np.arange(len(preds)))
-            action = np.tensordot(weights / weights.sum(), preds, axes=1).astype(np.float32)
-            grip = self.config.gripper_index
-            if grip is not None and self.config.binarize_gripper:
-                action[..., grip] = np.where(action[..., grip] >= 0, 1.0, -1.0)
-        else:
-            if not self._queue:
-                chunk = self.predict_chunk(obs)
-                steps = np.moveaxis(chunk, -2, 0)[: self.config.execute_steps]
-                self._queue.extend(steps)
-            action = self._queue.popleft()
-        self._step += 1
-        return action
+        if self._actions.needs_chunk(0):
+            self._actions.push(0, self.predict_chunk(obs, binarize_gripper=self._actions.binarize_chunks))
+        return self._actions.pop(0)
