@@ -14,6 +14,15 @@ WORKSPACE = 0.15  # objects are placed in [-0.15, 0.15]^2
 RESTING = CUBE_HALF + 0.01  # a cube centre below this height is resting on the table
 
 
+# The instruction of each task; the pretraining of the tiny base asks about them too.
+INSTRUCTIONS = {
+    "Reach": "reach the {cube} cube",
+    "Push": "push the {cube} cube onto the {pad} pad",
+    "PickPlace": "pick up the {cube} cube and put it on the {pad} pad",
+    "Stack": "stack the {cube} cube on the {other} cube",
+}
+
+
 def sample_positions(
     rng: np.random.Generator, n: int, min_dist: float, fixed: list[np.ndarray] | None = None
 ) -> list[np.ndarray]:
@@ -46,7 +55,7 @@ class ReachEnv(TabletopEnv):
         for i, xy in enumerate(sample_positions(rng, 3, 0.11)):
             self.set_cube(i, xy, yaw=_yaw(rng))
         self.colour_objects(_colours(rng, 3), [])
-        self.instruction = f"reach the {self.cube_colours[0]} cube"
+        self.instruction = INSTRUCTIONS["Reach"].format(cube=self.cube_colours[0])
 
     def _targets(self):
         return {"target_cube": np.array(0)}
@@ -84,7 +93,7 @@ class PushEnv(TabletopEnv):
         self.set_pad(0, pad)
         self.set_pad(1, other_pad)
         self.colour_objects(_colours(rng, 2), _colours(rng, 2))
-        self.instruction = f"push the {self.cube_colours[0]} cube onto the {self.pad_colours[0]} pad"
+        self.instruction = INSTRUCTIONS["Push"].format(cube=self.cube_colours[0], pad=self.pad_colours[0])
 
     def _targets(self):
         return {"target_cube": np.array(0), "target_pad": np.array(0)}
@@ -107,9 +116,7 @@ class PickPlaceEnv(TabletopEnv):
         self.set_pad(0, pad)
         self.set_pad(1, other_pad)
         self.colour_objects(_colours(rng, 2), _colours(rng, 2))
-        self.instruction = (
-            f"pick up the {self.cube_colours[0]} cube and put it on the {self.pad_colours[0]} pad"
-        )
+        self.instruction = INSTRUCTIONS["PickPlace"].format(cube=self.cube_colours[0], pad=self.pad_colours[0])
 
     def _targets(self):
         return {"target_cube": np.array(0), "target_pad": np.array(0)}
@@ -128,7 +135,7 @@ class StackEnv(TabletopEnv):
         for i, xy in enumerate(sample_positions(rng, 3, 0.11)):
             self.set_cube(i, xy, yaw=_yaw(rng))
         self.colour_objects(_colours(rng, 3), [])
-        self.instruction = f"stack the {self.cube_colours[0]} cube on the {self.cube_colours[1]} cube"
+        self.instruction = INSTRUCTIONS["Stack"].format(cube=self.cube_colours[0], other=self.cube_colours[1])
 
     def _targets(self):
         return {"target_cube": np.array(0), "base_cube": np.array(1)}

@@ -56,6 +56,19 @@ def test_hand_built_inputs_equal_llava_builtin_route(tiny_llava_dir, datasets):
     torch.testing.assert_close(ours, builtin, atol=1e-5, rtol=1e-5)
 
 
+def test_prompt_is_the_pretraining_question_the_base_learned(tiny_llava_dir, datasets):
+    """BOS first (LLaVA's tokenizer adds it; the tiny one does not), then exactly the tokens the
+    tiny base was pretrained on for an instruction question, so its grounding carries over."""
+    from vla_peft.models.tiny import ACTION_PROMPT
+    from vla_peft.pretrain.train import QATokenizer
+
+    policy = make_policy(tiny_llava_dir, datasets)
+    question = ACTION_PROMPT.format(instruction="reach the red cube")
+    pretraining, _ = QATokenizer(policy.tokenizer, 16).conversation([(question, " one two")])
+    ours = policy._prompt("reach the red cube", 16)
+    assert ours[0] == policy.tokenizer.bos_token_id and pretraining[: len(ours)] == ours
+
+
 @pytest.mark.parametrize("method", [None, "prompt", "prefix"])
 def test_padded_batch_gives_each_samples_own_result(method, tiny_llava_dir, datasets, demos):
     """Left padding with explicit positions: a sample's output does not depend on its batch mates,

@@ -216,12 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     pre = sub.add_parser("pretrain-base", help="pretrain the tiny CPU base VLM on simulator scenes (no actions)")
     pre.add_argument("--out", required=True, help="checkpoint directory to write")
-    pre.add_argument("--steps", type=int, default=1200, help="training steps of 16 images x 4 questions (default: 1200)")
+    pre.add_argument("--steps", type=int, default=3000,
+                     help="training steps of 16 images x 4 questions (+48 images for the vision tower) (default: 3000, the shipped base)")
     pre.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this much training time (default: no limit)")
     pre.add_argument("--seed", type=int, default=0, help="seed of scenes, weights and batches (default: 0)")
     pre.add_argument("--lr", type=float, default=None,
-                     help="peak AdamW learning rate; bench/pretrain_probe.py learned at 3e-4 where 2e-3 stalled "
-                          "(default: the recipe's 2e-3)")
+                     help="the language model's peak AdamW learning rate; at 2e-3 it stalled at the answer prior "
+                          "(default: the recipe's 3e-4; the vision side uses 2e-3)")
     pre.add_argument("--resume", action="store_true", help="continue the run already in --out (default: off)")
     pre.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     pre.set_defaults(func=cmd_pretrain_base)

@@ -22,6 +22,9 @@ from transformers import (
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 
+# OpenVLA's prompt: the policy's default, and one of the tiny base's pretraining questions.
+ACTION_PROMPT = "what action should the robot take to {instruction}?"
+
 # Words the robot tasks and the pretraining questions use, so that they become
 # single tokens; anything else still tokenises byte by byte.
 _DOMAIN_TEXT = """

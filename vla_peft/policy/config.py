@@ -6,6 +6,8 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 
+from vla_peft.models.tiny import ACTION_PROMPT
+
 HEADS = ("continuous", "discrete")
 
 
@@ -36,7 +38,7 @@ class PolicyConfig:
     center_crop: float = 1.0            # kept area fraction of the evaluation centre crop (the data's crop_scale when augmenting)
     gripper_dim: int | None = -1
     binarize_gripper: bool = True
-    prompt: str = "what action should the robot take to {instruction}?"
+    prompt: str = ACTION_PROMPT
 
     def __post_init__(self) -> None:
         self.cameras, self.state_keys = list(self.cameras), list(self.state_keys)

@@ -121,6 +121,9 @@ class VLAPolicy(nn.Module):
             else:
                 text = "<image>\n" * len(self.config.cameras) + text
             ids = self.tokenizer(text, add_special_tokens=True).input_ids
+            bos = self.tokenizer.bos_token_id
+            if bos is not None and ids[:1] != [bos]:  # LLaVA's (Llama's) tokenizer adds it; ours and some others do not
+                ids = [bos, *ids]
             if ids.count(self.image_token_id) != len(self.config.cameras):
                 raise ValueError(
                     f"the prompt has {ids.count(self.image_token_id)} image tokens for "

@@ -107,6 +107,35 @@ def gripper_open(scene: dict, rng: np.random.Generator) -> tuple[str, str] | Non
     return "is the gripper open?", "yes" if scene["gripper"]["open"] else "no"
 
 
+def instruction(scene: dict, rng: np.random.Generator) -> tuple[str, str] | None:
+    """A task instruction in the policy's own prompt -> column and row bins of its object (then of its goal).
+
+    Grounding, not acting: the answer is where the named things are, never an action. It is
+    the question the policy's prompt asks, so the base learns to find the instruction's objects
+    at exactly the place in the sequence where the policy's action queries start.
+    """
+    from envs.tasks import INSTRUCTIONS
+    from vla_peft.models.tiny import ACTION_PROMPT
+
+    cubes, pads = _visible(scene, "cube"), _visible(scene, "pad")
+    goals_of = {"Reach": [], "Push": pads, "PickPlace": pads, "Stack": cubes}
+    tasks = [t for t in INSTRUCTIONS if cubes and len(goals_of[t]) >= {"Reach": 0, "Stack": 2}.get(t, 1)]
+    if not tasks:
+        return None
+    task = tasks[rng.integers(len(tasks))]
+    goals = goals_of[task]
+    cube = cubes[rng.integers(len(cubes))]
+    goals = [g for g in goals if g is not cube]
+    goal = goals[rng.integers(len(goals))] if goals else None
+    text = INSTRUCTIONS[task].format(cube=cube["colour"], pad=goal and goal["colour"], other=goal and goal["colour"])
+    # No "x"/"y" words: the first answer word is already the column, so the base must find the
+    # object at the prompt's last token, the one the policy's action queries follow.
+    answer = f"{NUMBERS[_bin(cube['u'])]} {NUMBERS[_bin(cube['v'])]}"
+    if goal is not None:
+        answer += f" then {NUMBERS[_bin(goal['u'])]} {NUMBERS[_bin(goal['v'])]}"
+    return ACTION_PROMPT.format(instruction=text), answer
+
+
 def caption(scene: dict, rng: np.random.Generator) -> tuple[str, str] | None:
     """Every visible object, named left to right: a caption that needs colour *and* order."""
     objs = sorted(_visible(scene), key=lambda o: o["u"])
@@ -125,13 +154,14 @@ QUESTION_TYPES: dict[str, Callable[[dict, np.random.Generator], tuple[str, str] 
     "gripper_where": gripper_where,
     "gripper_open": gripper_open,
     "caption": caption,
+    "instruction": instruction,
 }
 
 # Sampling weights: first the questions that need one binding and little reading, then all.
-EASY_MIX = {"where": 3, "region": 3, "exists": 2, "count": 1, "gripper_where": 1, "gripper_open": 1}
+EASY_MIX = {"where": 3, "region": 3, "exists": 2, "count": 1, "gripper_where": 1, "gripper_open": 1, "instruction": 2}
 FULL_MIX = {
     "where": 4, "region": 1, "exists": 1, "colour_of": 2, "relation": 2,
-    "count": 0.5, "gripper_where": 1, "gripper_open": 0.5, "caption": 1,
+    "count": 0.5, "gripper_where": 1, "gripper_open": 0.5, "caption": 1, "instruction": 3,
 }
 
 

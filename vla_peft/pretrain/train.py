@@ -27,6 +27,7 @@ from vla_peft.models.image_norm import ImageNorm, load_image_norm, save_image_no
 from vla_peft.models.processor import save_processor
 from vla_peft.models.tiny import TinyLlavaSpec, build_tiny_llava
 from vla_peft.pretrain.questions import EASY_MIX, FULL_MIX, QUESTION_TYPES, ask
+from vla_peft.pretrain.scene_code import codebook, scene_code
 from vla_peft.pretrain.scenes import CAMERAS, SceneSet, render_scenes
 
 STATE_DIR = "train_state"  # resume files, kept out of the checkpoint proper
@@ -38,12 +39,16 @@ RECIPE_FILE = "pretrain_recipe.json"
 class PretrainConfig:
     """Everything that decides the result; written beside the checkpoint."""
 
-    steps: int = 1200
+    steps: int = 3000
     seed: int = 0
     batch_size: int = 16  # images per step
     turns: int = 4  # questions per image (multi-turn), so 64 answers per step
-    lr: float = 2e-3
+    lr: float = 3e-4  # the language model's; measured: at 2e-3 the from-scratch LM stayed at the answer prior
+    vision_lr: float = 2e-3  # vision tower and projector: they learn the scene code fast at this rate
     warmup: int = 100
+    code_weight: float = 1.0  # weight of the image-token loss (scene_code.py) that teaches the vision tower
+    code_fraction: float = 0.4  # share of steps in which the LM reads the scene code instead of the vision tower
+    code_images: int = 48  # extra images per step that train only the vision side (no LM pass: cheap)
     weight_decay: float = 0.01
     easy_fraction: float = 0.2  # share of steps drawn from the easy question mix
     train_images: int = 8000
@@ -134,13 +139,18 @@ def draw_conversations(
 
 
 def make_batch(scenes: SceneSet, norm: ImageNorm, qat: QATokenizer, conversations) -> dict[str, torch.Tensor]:
+    """Model inputs and answer-only labels for ``conversations`` [(image index, [(qtype, q, a)])]."""
     items = [qat.conversation([(q, a) for _, q, a in chat]) for _, chat in conversations]
     batch = collate(items, qat.tok.pad_token_id)
-    idx = torch.tensor([i for i, _ in conversations])
-    means = torch.stack([norm.means[scenes.annotations[i]["camera"]] for i, _ in conversations])
-    pixels = scenes.images[idx].permute(0, 3, 1, 2).float().div_(255.0)
-    batch["pixel_values"] = (pixels - means).div_(norm.std)
+    batch["pixel_values"] = make_pixels(scenes, norm, [i for i, _ in conversations])
     return batch
+
+
+def make_pixels(scenes: SceneSet, norm: ImageNorm, indices) -> torch.Tensor:
+    """The base's input: (image/255 - mean scene of that camera) / std, (B, 3, H, W)."""
+    means = torch.stack([norm.means[scenes.annotations[i]["camera"]] for i in indices])
+    pixels = scenes.images[torch.as_tensor(indices)].permute(0, 3, 1, 2).float().div_(255.0)
+    return (pixels - means).div_(norm.std)
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
@@ -206,7 +216,7 @@ def save_checkpoint(out: Path, model, tokenizer, norm: ImageNorm) -> None:
     staging.rmdir()
 
 
-def _save_state(path: Path, model, optimizer, step: int, cfg: PretrainConfig) -> None:
+def _save_state(path: Path, model: torch.nn.Module, optimizer, step: int, cfg: PretrainConfig) -> None:
     """Model, AdamW moments and step in ONE safetensors file, so a resume never mixes versions."""
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -222,7 +232,7 @@ def _save_state(path: Path, model, optimizer, step: int, cfg: PretrainConfig) ->
     os.replace(tmp, path)
 
 
-def _load_state(path: Path, model, optimizer) -> tuple[int, dict]:
+def _load_state(path: Path, model: torch.nn.Module, optimizer) -> tuple[int, dict]:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     tensors = load_file(str(path))
@@ -279,13 +289,26 @@ def pretrain(
     model, tokenizer = build_tiny_llava(cfg.seed, spec)
     with torch.no_grad():
         model.model.vision_tower.embeddings.position_embedding.weight.mul_(cfg.pos_embed_scale)
+    # A hook on the projector hands its output (the image tokens) to the image-token loss and,
+    # while the LM still reads the scene code, puts the code in its place.
+    code = codebook(cfg.seed, spec.text_hidden)
+    tokens: dict[str, torch.Tensor | None] = {}
+    hook = model.model.multi_modal_projector.register_forward_hook(
+        lambda m, i, o: tokens.update(vision=o) or tokens.get("replace")
+    )
     model.train()
     model.requires_grad_(True)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}], lr=cfg.lr
-    )
+    groups = []
+    for vision_side in (True, False):
+        for decays in (True, False):
+            params = [
+                p
+                for n, p in model.named_parameters()
+                if n.startswith(("model.vision_tower", "model.multi_modal_projector")) == vision_side
+                and (p.ndim >= 2 and "embed" not in n) == decays
+            ]
+            groups.append({"params": params, "weight_decay": cfg.weight_decay if decays else 0.0, "vision": vision_side})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     start = 0
     if resume and state_file.is_file():
         start, saved = _load_state(state_file, model, optimizer)
@@ -299,22 +322,36 @@ def pretrain(
     _atomic_json(out / RECIPE_FILE, _config_dict(cfg))
     began = time.monotonic()
     losses: list[float] = []
+    code_losses: list[float] = []
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="pretraining", unit="step")
     step = start
     for step in bar:
         rng = np.random.default_rng([cfg.seed, step])
         mix = EASY_MIX if step < cfg.easy_fraction * cfg.steps else FULL_MIX
-        batch = make_batch(train, norm, qat, draw_conversations(train, mix, cfg.batch_size, cfg.turns, rng))
+        conversations = draw_conversations(train, mix, cfg.batch_size, cfg.turns, rng)
+        batch = make_batch(train, norm, qat, conversations)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr_at(step, cfg) * (cfg.vision_lr / cfg.lr if group["vision"] else 1.0)
+        grid = spec.image_size // spec.patch_size
+        extra = rng.integers(len(train), size=cfg.code_images)
+        tokens["replace"] = None
+        model.model.get_image_features(pixel_values=make_pixels(train, norm, extra))
+        extra_tokens = tokens["vision"]
+        target = scene_code([train.annotations[i] for i, _ in conversations], grid, code)
+        tokens["replace"] = target if step < cfg.code_fraction * cfg.steps else None
         loss = model(**batch).loss
-        loss.backward()
+        vision = torch.cat([tokens["vision"], extra_tokens])
+        target = torch.cat([target, scene_code([train.annotations[i] for i in extra], grid, code)])
+        # relative squared error: 1.0 is what all-zero image tokens would score
+        code_loss = (vision - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-6)
+        (loss + cfg.code_weight * code_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        code_losses.append(code_loss.item())
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", code=f"{np.mean(code_losses[-50:]):.4f}")
         out_of_time = minutes is not None and time.monotonic() - began > 60 * minutes
         if (step + 1) % 200 == 0 or out_of_time:
             _save_state(state_file, model, optimizer, step + 1, cfg)
@@ -326,6 +363,8 @@ def pretrain(
     bar.close()
     seconds = time.monotonic() - began
     _save_state(state_file, model, optimizer, step, cfg)
+    tokens["replace"] = None
+    hook.remove()
     model.eval()
     model.requires_grad_(False)
     save_checkpoint(out, model, tokenizer, norm)
@@ -336,6 +375,7 @@ def pretrain(
         "torch_threads": torch.get_num_threads(),
         "initial_loss": float(np.mean(losses[: max(1, min(10, len(losses) // 4))])) if losses else None,
         "final_loss": float(np.mean(losses[-max(1, min(50, len(losses) // 4)) :])) if losses else None,
+        "final_code_loss": float(np.mean(code_losses[-max(1, min(50, len(code_losses) // 4)) :])) if code_losses else None,
         "held_out": evaluate(model, held_out, norm, qat, cfg.eval_per_type, seed=cfg.seed + 7),
     }
     _atomic_json(out / EVAL_FILE, report)
