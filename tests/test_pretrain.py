@@ -160,6 +160,6 @@ def test_shipped_base_grounds_colours_well_above_chance():
     """The shipped base, on scenes it never saw, binds colour words to places."""
     path = default_base_path(build=False)  # the shipped copy: returns at once, never trains
     assert path == SHIPPED
-    report = evaluate_checkpoint(path, images=48, per_type=50, seed=424242, types=("where", "colour_of", "exists"))
+    report = evaluate_checkpoint(path, images=300, per_type=100, seed=424242, types=("where", "colour_of", "caption", "instruction"))
     for qtype, r in report.items():
         assert r["accuracy"] > r["chance"] + 0.15, (qtype, r)
