@@ -2,7 +2,8 @@
 
 The whole recipe reads top to bottom: render scenes, fit the per-pixel input normalisation,
 then train every weight of a fresh tiny LLaVA on questions drawn per step (easy mix first,
-full mix after), save a normal transformers checkpoint, and score it on held-out scenes.
+full mix after) with the scene code (scene_code.py) as the image tokens' target, save a
+normal transformers checkpoint, and score it on held-out scenes.
 Batches are a pure function of (seed, step), so a resumed run sees the same data as an
 uninterrupted one.
 """
