@@ -20,7 +20,7 @@ ROWS = ["top", "middle", "bottom"]
 MARGIN = 0.06  # positions closer than this (image fraction) are not compared
 
 
-def _bin(x: float, n: int = BINS) -> int:
+def coordinate_bin(x: float, n: int = BINS) -> int:
     return int(np.clip(np.floor(x * n), 0, n - 1))
 
 
@@ -38,7 +38,7 @@ def where(scene: dict, rng: np.random.Generator) -> tuple[str, str] | None:
     if not objs:
         return None
     o = objs[rng.integers(len(objs))]
-    return f"where is the {_name(o)}?", f"x {NUMBERS[_bin(o['u'])]} y {NUMBERS[_bin(o['v'])]}"
+    return f"where is the {_name(o)}?", f"x {NUMBERS[coordinate_bin(o['u'])]} y {NUMBERS[coordinate_bin(o['v'])]}"
 
 
 def region(scene: dict, rng: np.random.Generator) -> tuple[str, str] | None:
@@ -47,7 +47,7 @@ def region(scene: dict, rng: np.random.Generator) -> tuple[str, str] | None:
     if not objs:
         return None
     o = objs[rng.integers(len(objs))]
-    return f"which part of the image is the {_name(o)} in?", f"{ROWS[_bin(o['v'], 3)]} {COLUMNS[_bin(o['u'], 3)]}"
+    return f"which part of the image is the {_name(o)} in?", f"{ROWS[coordinate_bin(o['v'], 3)]} {COLUMNS[coordinate_bin(o['u'], 3)]}"
 
 
 def exists(scene: dict, rng: np.random.Generator) -> tuple[str, str] | None:
@@ -100,7 +100,7 @@ def gripper_where(scene: dict, rng: np.random.Generator) -> tuple[str, str] | No
     g = scene["gripper"]
     if not g["visible"]:
         return None
-    return "where is the gripper?", f"x {NUMBERS[_bin(g['u'])]} y {NUMBERS[_bin(g['v'])]}"
+    return "where is the gripper?", f"x {NUMBERS[coordinate_bin(g['u'])]} y {NUMBERS[coordinate_bin(g['v'])]}"
 
 
 def gripper_open(scene: dict, rng: np.random.Generator) -> tuple[str, str] | None:
@@ -130,9 +130,9 @@ def instruction(scene: dict, rng: np.random.Generator) -> tuple[str, str] | None
     text = INSTRUCTIONS[task].format(cube=cube["colour"], pad=goal and goal["colour"], other=goal and goal["colour"])
     # No "x"/"y" words: the first answer word is already the column, so the base must find the
     # object at the prompt's last token, the one the policy's action queries follow.
-    answer = f"{NUMBERS[_bin(cube['u'])]} {NUMBERS[_bin(cube['v'])]}"
+    answer = f"{NUMBERS[coordinate_bin(cube['u'])]} {NUMBERS[coordinate_bin(cube['v'])]}"
     if goal is not None:
-        answer += f" then {NUMBERS[_bin(goal['u'])]} {NUMBERS[_bin(goal['v'])]}"
+        answer += f" then {NUMBERS[coordinate_bin(goal['u'])]} {NUMBERS[coordinate_bin(goal['v'])]}"
     return ACTION_PROMPT.format(instruction=text), answer
 
 

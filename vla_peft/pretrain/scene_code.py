@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from envs.scene import COLOURS
-from vla_peft.pretrain.questions import BINS, _bin
+from vla_peft.pretrain.questions import BINS, coordinate_bin
 
 _COLOURS = sorted(COLOURS)
 KINDS = 2 * len(_COLOURS) + 2  # cube or pad of each colour, gripper open, gripper closed
@@ -41,5 +41,5 @@ def scene_code(annotations: list[dict], grid: int, code: dict[str, torch.Tensor]
             items.append((gripper["u"], gripper["v"], KINDS - 2 + (not gripper["open"])))
         for u, v, kind in items:
             patch = min(int(v * grid), grid - 1) * grid + min(int(u * grid), grid - 1)
-            out[b, patch] += code["kind"][kind] + code["column"][_bin(u)] + code["row"][_bin(v)]
+            out[b, patch] += code["kind"][kind] + code["column"][coordinate_bin(u)] + code["row"][coordinate_bin(v)]
     return out

@@ -317,8 +317,8 @@ def pretrain(
         # anything else must match, or the result would belong to no recipe.
         if {**saved, "steps": cfg.steps} != _config_dict(cfg) or cfg.steps < start:
             raise ValueError(f"{out} was started with a different recipe ({saved}); resume it with the same options")
-    num_image_tokens = (spec.image_size // spec.patch_size) ** 2
-    qat = QATokenizer(tokenizer, num_image_tokens)
+    grid = spec.image_size // spec.patch_size  # image patches per side
+    qat = QATokenizer(tokenizer, grid * grid)
 
     _atomic_json(out / RECIPE_FILE, _config_dict(cfg))
     began = time.monotonic()
@@ -333,7 +333,6 @@ def pretrain(
         batch = make_batch(train, norm, qat, conversations)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg) * (cfg.vision_lr / cfg.lr if group["vision"] else 1.0)
-        grid = spec.image_size // spec.patch_size
         extra = rng.integers(len(train), size=cfg.code_images)
         tokens["replace"] = None
         model.model.get_image_features(pixel_values=make_pixels(train, norm, extra))
