@@ -76,6 +76,9 @@ def test_normalizer_forward_matches_formula_and_inverts(mode):
         reference = values
     np.testing.assert_allclose(y[:, :3], reference[:, :3], rtol=1e-6, atol=1e-6)
     assert np.isfinite(y).all()
+    if mode != "none":  # the constant dimension's scale is floored at 1% of its magnitude: a wobble stays small
+        wobble = normalizer.normalize(values[:1] + np.array([0, 0, 0, 1e-4])) - normalizer.normalize(values[:1])
+        np.testing.assert_allclose(wobble[0, 3], 1e-4 / (0.01 * 0.5), rtol=1e-4)
     inside = np.all((values >= stats.q01) & (values <= stats.q99), axis=1) if mode == "q01_q99" else slice(None)
     np.testing.assert_allclose(normalizer.unnormalize(y)[inside], values[inside], rtol=1e-6, atol=1e-6)
     tensor = torch.tensor(values, dtype=torch.float32)

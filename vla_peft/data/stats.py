@@ -5,7 +5,10 @@ Modes (forward; `unnormalize` is the exact inverse except where clipping cut val
   min_max   2 (x - min) / (max - min) - 1                        (LeRobot's MIN_MAX)
   mean_std  (x - mean) / std                                     (LeRobot's MEAN_STD)
   none      x
-A tiny epsilon in each denominator keeps constant dimensions finite.
+Each denominator is floored at 1% of the dimension's magnitude (max |x|): a dimension that
+barely moves in the demos (an idle gripper's finger width, a resting cube's height) keeps its
+simulator jitter as jitter. Measured: at std 1e-4 the fingers' 3e-4 m wobble became ±2.7 units
+of state, and a cube settling by 1e-5 m became -333, which sent a policy off the table.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 MODES = ("q01_q99", "min_max", "mean_std", "none")
 EPS = 1e-8
+SCALE_FLOOR = 0.01  # fraction of a dimension's magnitude below which its spread is not divided by
 
 
 @dataclass
@@ -71,12 +75,13 @@ class Normalizer:
             raise ValueError(f"unknown normalisation mode {mode!r}; use one of {MODES}")
         self.stats = stats
         self.mode = mode
+        floor = SCALE_FLOOR * np.maximum(np.abs(stats.min), np.abs(stats.max))
         if mode == "mean_std":
-            self._offset, self._scale = stats.mean, stats.std + EPS
+            self._offset, self._scale = stats.mean, np.maximum(stats.std, floor) + EPS
         elif mode in ("q01_q99", "min_max"):
             low, high = (stats.q01, stats.q99) if mode == "q01_q99" else (stats.min, stats.max)
             # x -> (x - low) / (high - low) * 2 - 1  ==  (x - centre) / half_range
-            self._offset, self._scale = (low + high) / 2, (high - low + EPS) / 2
+            self._offset, self._scale = (low + high) / 2, np.maximum((high - low) / 2, floor) + EPS / 2
         else:
             self._offset, self._scale = np.zeros_like(stats.mean), np.ones_like(stats.mean)
 
