@@ -168,6 +168,18 @@ class TabletopEnv(gym.Env):
         state.update(self._targets())
         return state
 
+    def task_positions(self) -> dict[str, np.ndarray]:
+        """Where the instruction's object (``target_pos``) and its goal (``goal_pos``, when the task
+        has one) are: recorded beside each demo as privileged observations, for training-only
+        grounding targets (``policy.aux_keys``); never part of the policy's observation."""
+        targets = self._targets()
+        positions = {"target_pos": self.cube_pos(int(targets["target_cube"]))}
+        if "target_pad" in targets:
+            positions["goal_pos"] = self.pad_pos(int(targets["target_pad"]))
+        elif "base_cube" in targets:
+            positions["goal_pos"] = self.cube_pos(int(targets["base_cube"]))
+        return {key: value.astype(np.float32) for key, value in positions.items()}
+
     # ----------------------------------------------------------------- gym API
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None

@@ -40,7 +40,8 @@ def write_demos(path: Path, episodes: int = 6, steps: int = 10, action_dim: int 
             writer.add(Episode(
                 actions=actions,
                 obs={"agentview_rgb": images, "ee_pos": ee,
-                     "gripper_states": np.where(actions[:, -1:] > 0, 0.0, 0.04).repeat(2, 1).astype(np.float32)},
+                     "gripper_states": np.where(actions[:, -1:] > 0, 0.0, 0.04).repeat(2, 1).astype(np.float32),
+                     "target_pos": np.tile(np.float32([x, y, 0.0]), (steps, 1))},  # privileged, as collect records it
                 instruction=instructions[e % len(instructions)],
             ))
     return path

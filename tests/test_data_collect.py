@@ -33,7 +33,9 @@ def test_collected_demos_match_a_fresh_rollout(reach_file):
                 np.testing.assert_array_equal(stored.actions, fresh.actions)
                 np.testing.assert_array_equal(stored.rewards, fresh.rewards)
                 np.testing.assert_array_equal(stored.dones, fresh.dones)
-                assert set(stored.obs) == {"agentview_rgb", "wrist_rgb", "ee_pos", "ee_vel", "gripper_states"}
+                assert set(stored.obs) == {"agentview_rgb", "wrist_rgb", "ee_pos", "ee_vel", "gripper_states", "target_pos"}
+                env.reset(seed=seed)  # the privileged target_pos is where the named cube is
+                np.testing.assert_allclose(stored.obs["target_pos"][0], env.unwrapped.cube_pos(0), atol=1e-6)
                 for key, value in fresh.obs.items():
                     np.testing.assert_array_equal(stored.obs[key], value)
                 assert stored.dones[-1] == 1 and stored.dones[:-1].sum() == 0
@@ -102,4 +104,4 @@ def test_cli_collect_prints_a_summary(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "kept 1 of 1 episodes (expert success 100.0%)" in printed and "kB/frame" in printed
     with DemoFile(out) as f:
-        assert f.obs_keys() == ["agentview_rgb", "ee_pos", "ee_vel", "gripper_states"]
+        assert f.obs_keys() == ["agentview_rgb", "ee_pos", "ee_vel", "gripper_states", "target_pos"]

@@ -83,6 +83,30 @@ def test_discrete_head_trains_and_reports_token_accuracy(tiny_llava_dir, demos, 
     assert "token_accuracy" in result.summary["final"] and "val_token_accuracy" in result.summary["validation"]
 
 
+def test_aux_targets_add_a_grounding_loss_and_travel_in_the_bundle(tiny_llava_dir, demos, tmp_path):
+    run = run_config(tiny_llava_dir, demos, tmp_path, policy={"aux_keys": ["target_pos"], "aux_weight": 2.0})
+    result = train(run, progress=False)
+    policy = result.policy
+    assert policy.config.aux_dim == 3 and "aux_mse" in result.summary["final"]
+    data = DemoDataset(DataConfig(**{**run.data, "chunk_size": 4, "aux_keys": ["target_pos"]}), train=False,
+                       normalizers=policy.normalizers)
+    with h5py.File(demos) as f:  # the sample's aux is the frame's normalised target_pos
+        raw = f[f"data/{data.episodes[0].demo}/obs/target_pos"][2]
+    np.testing.assert_allclose(data[2]["aux"], policy.normalizers["aux"].normalize(raw), rtol=1e-6)
+    batch = torch.utils.data.default_collate([data[i] for i in range(6)])
+    policy.eval()
+    with torch.no_grad():
+        out = policy(batch)
+        hidden = policy.query_hidden(batch["images"][:, :, -1], batch["state"][:, -1], list(batch["instruction"]))
+        by_hand = (policy.aux_head(hidden) - batch["aux"].unsqueeze(1)).pow(2).mean()  # every query predicts it
+    torch.testing.assert_close(out["aux_mse"], by_hand)
+    torch.testing.assert_close(out["loss"], out["l1"] + 2.0 * by_hand)
+    obs = frames(demos, [(0, 1), (3, 7)])  # inference needs no aux key
+    np.testing.assert_allclose(load_bundle(tmp_path / "bundle").predict_chunk(obs), policy.predict_chunk(obs), atol=1e-5)
+    with pytest.raises(Exception, match="cube_pose"):
+        train(run_config(tiny_llava_dir, demos, tmp_path / "bad", policy={"aux_keys": ["cube_pose"]}), progress=False)
+
+
 @pytest.mark.parametrize("head", ["continuous", "discrete"])
 def test_training_frames_through_predict_chunk_reproduce_training_metrics(head, tiny_llava_dir, demos, tmp_path):
     """OpenVLA's sanity check: raw frames through predict_chunk score what the training path scores."""

@@ -52,12 +52,13 @@ def run_episode(env, seed: int) -> tuple[Episode, bool]:
 
     expert = envs.make_expert(env)
     obs, info = env.reset(seed=seed)
-    observations: dict[str, list] = {key: [] for key in obs}
+    observations: dict[str, list] = {}
     actions, rewards, dones = [], [], []
     while True:
         action = np.asarray(expert(obs), dtype=np.float32)
-        for key, value in obs.items():
-            observations[key].append(value)
+        # the privileged task positions ride along as observations, for training-only targets
+        for key, value in {**obs, **env.unwrapped.task_positions()}.items():
+            observations.setdefault(key, []).append(value)
         actions.append(action)
         obs, reward, terminated, truncated, info = env.step(action)
         success = bool(info["is_success"])

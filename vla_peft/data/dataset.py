@@ -28,6 +28,7 @@ class DataConfig:
     paths: list[str]
     cameras: list[str] = field(default_factory=lambda: ["agentview"])
     state_keys: list[str] = field(default_factory=lambda: ["ee_pos", "gripper_states"])
+    aux_keys: list[str] = field(default_factory=list)  # training-only targets (e.g. target_pos), see PolicyConfig
     key_map: str | dict[str, str] = "auto"
     chunk_size: int = 8
     history: int = 1
@@ -69,6 +70,7 @@ class _Episode:
     instruction: str
     actions: np.ndarray  # (T, A) normalised
     state: np.ndarray  # (T, S) normalised
+    aux: np.ndarray  # (T, X) normalised
 
 
 class DemoDataset(Dataset):
@@ -80,6 +82,7 @@ class DemoDataset(Dataset):
       history_mask  bool (history,)        False for frames before the episode's start (copies of frame 0)
       actions       float32 (chunk, A)     normalised actions t .. t+chunk-1
       action_mask   bool (chunk,)          False past the episode's end (padded with its last action)
+      aux           float32 (X,)           normalised `aux_keys` at the current frame (X = 0 without them)
       instruction   str
       task_index, episode_index, frame_index   int
     """
@@ -97,23 +100,26 @@ class DemoDataset(Dataset):
         self.image_keys = [f"{camera}_rgb" for camera in config.cameras]
         self.tasks = [Path(path).stem for path in config.paths]
         self._file_keys: list[dict[str, str]] = []
-        raw: list[tuple[int, str, int, str, np.ndarray, np.ndarray]] = []
+        raw: list[tuple[int, str, int, str, np.ndarray, np.ndarray, np.ndarray]] = []
         self.image_shape = None
         self.action_dim = None
         for file_index, path in enumerate(config.paths):
             with DemoFile(path) as demo_file:
-                keys = demo_file.resolve(self.image_keys + list(config.state_keys), config.key_map)
+                keys = demo_file.resolve(self.image_keys + list(config.state_keys) + list(config.aux_keys), config.key_map)
                 chosen = demo_file.demos if episodes is None else episodes[file_index]
                 demo_file.check(keys, chosen)
                 self._check_consistent(demo_file, keys, chosen[0] if chosen else None)
                 self._file_keys.append(keys)
                 for demo in chosen:
                     actions, state = read_low_dim(demo_file, demo, keys, config.state_keys)
-                    raw.append((file_index, demo, len(actions), demo_file.instruction(demo), actions, state))
+                    aux = read_columns(demo_file, demo, keys, config.aux_keys, len(actions))
+                    raw.append((file_index, demo, len(actions), demo_file.instruction(demo), actions, state, aux))
         self.normalizers = normalizers or dataset_normalizers(config, self._file_keys)
+        norm = self.normalizers
         self.episodes = [
-            _Episode(f, d, n, text, self.normalizers["actions"].normalize(a), self.normalizers["state"].normalize(s))
-            for f, d, n, text, a, s in raw
+            _Episode(f, d, n, text, norm["actions"].normalize(a), norm["state"].normalize(s),
+                     norm["aux"].normalize(x) if "aux" in norm else x)
+            for f, d, n, text, a, s, x in raw
         ]
         self._starts = np.cumsum([0] + [ep.length for ep in self.episodes])
         self._handles: dict[int, DemoFile] = {}
@@ -211,6 +217,7 @@ class DemoDataset(Dataset):
             "history_mask": torch.arange(history) >= pad_front,
             "actions": torch.from_numpy(np.concatenate([actions, np.repeat(actions[-1:], pad_back, axis=0)])),
             "action_mask": torch.arange(chunk) < chunk - pad_back,
+            "aux": torch.from_numpy(ep.aux[t]),
             "instruction": ep.instruction,
             "task_index": ep.file_index,
             "episode_index": episode_number,
@@ -219,7 +226,7 @@ class DemoDataset(Dataset):
 
 
 def dataset_normalizers(config: DataConfig, file_keys: list[dict[str, str]] | None = None) -> dict[str, Normalizer]:
-    """Normalisers for `actions` and `state` from every demo of every file.
+    """Normalisers for `actions` and `state` (and `aux`, mean/std, when aux keys are set) from every demo of every file.
 
     A single file that stores statistics (ours do) is not read again; otherwise the raw
     arrays are read and reduced with numpy, so quantiles are exact across files.
@@ -242,15 +249,27 @@ def dataset_normalizers(config: DataConfig, file_keys: list[dict[str, str]] | No
                     actions.append(a)
                     states.append(s)
         stats = {"actions": compute_stats(np.concatenate(actions)), "state": compute_stats(np.concatenate(states))}
-    return {"actions": Normalizer(stats["actions"], config.action_norm), "state": Normalizer(stats["state"], config.state_norm)}
+    normalizers = {"actions": Normalizer(stats["actions"], config.action_norm), "state": Normalizer(stats["state"], config.state_norm)}
+    if config.aux_keys:
+        aux = []
+        for path in config.paths:
+            with DemoFile(path) as demo_file:
+                keys = demo_file.resolve(list(config.aux_keys), config.key_map)
+                aux += [read_columns(demo_file, demo, keys, config.aux_keys, demo_file.num_samples(demo)) for demo in demo_file.demos]
+        normalizers["aux"] = Normalizer(compute_stats(np.concatenate(aux)), "mean_std")
+    return normalizers
 
 
 def read_low_dim(demo_file: DemoFile, demo: str, keys: dict[str, str], state_keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Raw float32 actions (T, A) and state (T, S): the state keys side by side, in the given order."""
     actions = demo_file.read(demo, "actions").astype(np.float32)
-    parts = [demo_file.read(demo, f"obs/{keys[k]}").reshape(len(actions), -1) for k in state_keys]
-    state = np.concatenate(parts, axis=1) if parts else np.zeros((len(actions), 0))
-    return actions, state.astype(np.float32)
+    return actions, read_columns(demo_file, demo, keys, state_keys, len(actions))
+
+
+def read_columns(demo_file: DemoFile, demo: str, keys: dict[str, str], names: list[str], length: int) -> np.ndarray:
+    """The observations ``names`` side by side as float32 (T, total size); (T, 0) for no names."""
+    parts = [demo_file.read(demo, f"obs/{keys[k]}").reshape(length, -1) for k in names]
+    return (np.concatenate(parts, axis=1) if parts else np.zeros((length, 0))).astype(np.float32)
 
 
 def build_datasets(config: DataConfig) -> tuple[DemoDataset, DemoDataset | None]:

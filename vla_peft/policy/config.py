@@ -28,6 +28,11 @@ class PolicyConfig:
     image_size: int | None = None       # camera resolution the policy receives (resized to the VLM's); None: the data's
     state_keys: list[str] = field(default_factory=lambda: ["ee_pos", "gripper_states"])
     state_dim: int | None = None        # total size of the state keys; None: the data's
+    # Training-only grounding targets: dataset observations (the simulator's target_pos / goal_pos)
+    # that every action query must also predict (MSE, weight aux_weight). Never read at inference.
+    aux_keys: list[str] = field(default_factory=list)
+    aux_dim: int | None = None          # total size of the aux keys; None: the data's
+    aux_weight: float = 1.0
     action_dim: int = 4
     chunk_size: int = 8                 # K actions predicted per forward pass
     execute_steps: int = 4              # n of the K actions executed before re-planning
@@ -41,7 +46,7 @@ class PolicyConfig:
     prompt: str = ACTION_PROMPT
 
     def __post_init__(self) -> None:
-        self.cameras, self.state_keys = list(self.cameras), list(self.state_keys)
+        self.cameras, self.state_keys, self.aux_keys = list(self.cameras), list(self.state_keys), list(self.aux_keys)
         checks = [
             (self.head in HEADS, "head", f"use one of {HEADS}"),
             (0 < self.center_crop <= 1, "center_crop", "use a fraction in (0, 1]; 1 means no crop"),

@@ -34,6 +34,8 @@ class VLAPolicy(nn.Module):
         super().__init__()
         if config.state_dim is None or config.image_size is None:
             raise ValueError("policy config: state_dim and image_size must be set (training fills them from the dataset)")
+        if config.aux_keys and not config.aux_dim:
+            raise ValueError("policy config: aux_keys are set but aux_dim is not (training fills it from the dataset)")
         self.config, self.processor, self.method_config = config, processor, method_config
         self.vlm = vlm
         vlm.requires_grad_(False)
@@ -56,6 +58,12 @@ class VLAPolicy(nn.Module):
         self.proprio = (
             nn.Sequential(nn.Linear(config.state_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
             if config.state_dim > 0 else None
+        )
+        # Training-only: every action query also regresses the aux targets (where the named objects are).
+        self.aux_head = (
+            nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, config.head_width), nn.GELU(),
+                          nn.Linear(config.head_width, config.aux_dim))
+            if config.aux_keys else None
         )
         self.normalizers: dict[str, Normalizer] | None = None
         self._eval_crop = ImageAugment(crop_scale=config.center_crop) if config.center_crop < 1 else None
@@ -84,6 +92,8 @@ class VLAPolicy(nn.Module):
         parts = {"head": self.head}
         if self.proprio is not None:
             parts["proprio"] = self.proprio
+        if self.aux_head is not None:
+            parts["aux_head"] = self.aux_head
         return parts
 
     def own_state_dict(self) -> dict[str, torch.Tensor]:
@@ -194,13 +204,17 @@ class VLAPolicy(nn.Module):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return embeds, mask, positions
 
-    def head_output(self, images: torch.Tensor, state: torch.Tensor, instructions: list[str]) -> torch.Tensor:
-        """The head's raw output (normalised actions, or bin logits) in one forward pass."""
+    def query_hidden(self, images: torch.Tensor, state: torch.Tensor, instructions: list[str]) -> torch.Tensor:
+        """The action queries' final hidden states (B, num_queries, H), in one forward pass."""
         embeds, mask, positions = self.embed(images, state, instructions)
         hidden = self.vlm.model.language_model(
             inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
         ).last_hidden_state
-        return self.head(hidden[:, -self.head.num_queries:])
+        return hidden[:, -self.head.num_queries:]
+
+    def head_output(self, images: torch.Tensor, state: torch.Tensor, instructions: list[str]) -> torch.Tensor:
+        """The head's raw output (normalised actions, or bin logits)."""
+        return self.head(self.query_hidden(images, state, instructions))
 
     # ------------------------------------------------------------------ training
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -212,8 +226,14 @@ class VLAPolicy(nn.Module):
                 f"(chunk_size={self.config.chunk_size}, action_dim={self.config.action_dim}): "
                 "make the dataset's chunk size and action dimension match the policy config"
             )
-        output = self.head_output(batch["images"][:, :, -1], batch["state"][:, -1], list(batch["instruction"]))
-        return self.head.loss(output, actions, batch["action_mask"].to(self.device).bool())
+        hidden = self.query_hidden(batch["images"][:, :, -1], batch["state"][:, -1], list(batch["instruction"]))
+        result = self.head.loss(self.head(hidden), actions, batch["action_mask"].to(self.device).bool())
+        if self.aux_head is not None:
+            aux = batch["aux"].to(self.device, torch.float32).unsqueeze(1)
+            aux_mse = (self.aux_head(hidden.float()) - aux).pow(2).mean()
+            result["loss"] = result["loss"] + self.config.aux_weight * aux_mse
+            result["aux_mse"] = aux_mse.detach()
+        return result
 
     # ------------------------------------------------------------------ acting
     @torch.no_grad()

@@ -46,7 +46,8 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
 
 def data_config_for(run: RunConfig) -> DataConfig:
     """The data config, with cameras / state keys / chunk size taken from the policy (one source of truth)."""
-    fields = {"cameras": run.policy.cameras, "state_keys": run.policy.state_keys, "chunk_size": run.policy.chunk_size}
+    fields = {"cameras": run.policy.cameras, "state_keys": run.policy.state_keys, "aux_keys": run.policy.aux_keys,
+              "chunk_size": run.policy.chunk_size}
     for key, value in fields.items():
         given = run.data.get(key)
         if given is not None and (list(given) if isinstance(value, list) else given) != value:
@@ -55,7 +56,7 @@ def data_config_for(run: RunConfig) -> DataConfig:
 
 
 def fit_policy_to_data(run: RunConfig, train_set) -> None:
-    """Fill the policy's state size, image size and evaluation crop from the data; refuse an action
+    """Fill the policy's state, image and aux sizes and evaluation crop from the data; refuse an action
     size that differs."""
     if train_set.action_dim != run.policy.action_dim:
         raise ValueError(
@@ -65,8 +66,8 @@ def fit_policy_to_data(run: RunConfig, train_set) -> None:
     data = train_set.config
     run.policy.center_crop = data.crop_scale if data.augment else 1.0  # inference crops as evaluation does
     sample = train_set[0]
-    state_dim, image_size = sample["state"].shape[-1], sample["images"].shape[-1]
-    for name, value in (("state_dim", state_dim), ("image_size", image_size)):
+    sizes = {"state_dim": sample["state"].shape[-1], "image_size": sample["images"].shape[-1], "aux_dim": sample["aux"].shape[-1]}
+    for name, value in sizes.items():
         given = getattr(run.policy, name)
         if given is None:
             setattr(run.policy, name, int(value))
