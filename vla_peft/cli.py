@@ -13,7 +13,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     config = DemoConfig(tasks=tasks, method=args.method or str(DEFAULT_METHOD), base=args.base, out=args.out, seed=args.seed,
-                        quick=args.quick, overrides=(["policy.load_in_4bit=true"] if args.load_in_4bit else []) + args.overrides)
+                        quick=args.quick, jobs=args.jobs, overrides=(["policy.load_in_4bit=true"] if args.load_in_4bit else []) + args.overrides)
     print(format_report(run_demo(config)))
     return 0
 
@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seeds collection (episode i: seed+i), training, and evaluation (seed+1000+j) (default: 0)")
     demo.add_argument("--quick", action="store_true",
                       help="smoke run: a few episodes and steps per task, about 3 minutes (default: off)")
+    demo.add_argument("--jobs", type=int, default=2,
+                      help="tasks collected and trained at once, each in its own process on one torch thread; "
+                           "1 runs them one after another with progress bars (default: 2, one per core of a laptop)")
     demo.add_argument("overrides", nargs="*",
                       help="section.key=value for every task: collect.*, policy.*, method.*, data.*, train.*, "
                            "eval.* (e.g. train.steps=800 eval.episodes=50) (default: none)")

@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +42,7 @@ class DemoConfig:
     out: str | None = None           # None: runs/demo-<timestamp>
     seed: int = 0
     quick: bool = False
+    jobs: int = 2                    # tasks collected and trained at once, one process (one thread) each
     overrides: list[str] = field(default_factory=list)   # section.key=value, applied to every task
 
 
@@ -134,11 +137,8 @@ def prepare_task(task: str, config: DemoConfig, base: str, out: Path, own: dict,
 
 def run_demo(config: DemoConfig) -> dict:
     """Collect, train and evaluate every task; write ``demo_summary.json`` and return it."""
-    from vla_peft.data.collect import collect
     from vla_peft.eval.evaluate import evaluate, write_json_atomic
-    from vla_peft.peft.report import numel
     from vla_peft.pretrain.base import default_base_path
-    from vla_peft.train import train
 
     started = time.perf_counter()
     out = Path(config.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -159,25 +159,16 @@ def run_demo(config: DemoConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     print(f"base: {base}\noutput: {out}", flush=True)
 
-    rows, bundles = {}, {}
-    for task, (collect_config, run) in prepared.items():
-        print(f"\n== {task}: collect {collect_config.episodes} expert demonstrations", flush=True)
-        collected = collect(collect_config)
-        print(f"== {task}: train {method_label(run)} for {run.train.steps} steps", flush=True)
-        result = train(run)
-        policy = result.policy
-        total = sum(numel(p) for p in policy.parameters())  # 4-bit weights counted unpacked
-        trainable = result.summary["trainable_parameters"]
-        bundles[task] = Path(result.summary["bundle"])
-        rows[task] = {
-            "task": task, "method": method_label(run), "trainable_parameters": trainable,
-            "total_parameters": total, "trainable_percent": round(100 * trainable / total, 3),
-            "demos": collected["episodes_kept"], "demo_frames": collected["frames"],
-            "collect_s": round(collected["seconds"], 1), "train_steps": run.train.steps,
-            "train_s": result.summary["elapsed_s"], "final_loss": result.summary["final"].get("loss"),
-            "bundle": str(bundles[task]), "loss_curve": str(Path(run.train.output_dir) / "loss_curve.png"),
-        }
-        del result, policy
+    jobs = max(1, min(config.jobs, len(prepared)))
+    if jobs == 1:
+        rows = {task: collect_and_train(task, *prepared[task]) for task in prepared}
+    else:  # each task in its own process (one torch thread each): the cores work side by side
+        print(f"\n== collect and train {len(prepared)} tasks, {jobs} at a time (progress in "
+              f"{out / 'train'}/<task>/metrics.jsonl)", flush=True)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {task: pool.submit(collect_and_train, task, *prepared[task], False) for task in prepared}
+            rows = {task: future.result() for task, future in futures.items()}
+    bundles = {task: Path(row["bundle"]) for task, row in rows.items()}
 
     print(f"\n== evaluate {len(bundles)} task(s), {evaluation.episodes} episodes each", flush=True)
     t0 = time.perf_counter()
@@ -201,6 +192,33 @@ def run_demo(config: DemoConfig) -> dict:
     }
     write_json_atomic(out / "demo_summary.json", summary)
     return summary
+
+
+def collect_and_train(task: str, collect_config, run, progress: bool = True) -> dict:
+    """Collect one task's demonstrations, train its bundle, return its table row."""
+    from vla_peft.data.collect import collect
+    from vla_peft.peft.report import numel
+    from vla_peft.train import train
+
+    if progress:
+        print(f"\n== {task}: collect {collect_config.episodes} expert demonstrations", flush=True)
+    collected = collect(collect_config, progress=progress)
+    if progress:
+        print(f"== {task}: train {method_label(run)} for {run.train.steps} steps", flush=True)
+    result = train(run, progress=progress)
+    total = sum(numel(p) for p in result.policy.parameters())  # 4-bit weights counted unpacked
+    trainable = result.summary["trainable_parameters"]
+    row = {
+        "task": task, "method": method_label(run), "trainable_parameters": trainable,
+        "total_parameters": total, "trainable_percent": round(100 * trainable / total, 3),
+        "demos": collected["episodes_kept"], "demo_frames": collected["frames"],
+        "collect_s": round(collected["seconds"], 1), "train_steps": run.train.steps,
+        "train_s": result.summary["elapsed_s"], "final_loss": result.summary["final"].get("loss"),
+        "bundle": result.summary["bundle"], "loss_curve": str(Path(run.train.output_dir) / "loss_curve.png"),
+    }
+    print(f"== {task}: {row['demos']} demos, {row['train_steps']} steps in {row['train_s'] / 60:.1f} min, "
+          f"final loss {row['final_loss']:.4f}", flush=True)
+    return row
 
 
 def bank_or_reload(bundles: dict[str, Path], base: str):
