@@ -226,38 +226,36 @@ class DemoDataset(Dataset):
 
 
 def dataset_normalizers(config: DataConfig, file_keys: list[dict[str, str]] | None = None) -> dict[str, Normalizer]:
-    """Normalisers for `actions` and `state` (and `aux`, mean/std, when aux keys are set) from every demo of every file.
+    """Normalisers for `actions`, `state` and, when aux keys are set, `aux` (mean/std) from every demo of every file.
 
     A single file that stores statistics (ours do) is not read again; otherwise the raw
     arrays are read and reduced with numpy, so quantiles are exact across files.
     """
+    groups = {"state": list(config.state_keys)}
+    if config.aux_keys:
+        groups["aux"] = list(config.aux_keys)
+    names = [name for group in groups.values() for name in group]
     stats = None
     if len(config.paths) == 1:
         with DemoFile(config.paths[0]) as demo_file:
-            keys = file_keys[0] if file_keys else demo_file.resolve(list(config.state_keys), config.key_map)
+            keys = file_keys[0] if file_keys else demo_file.resolve(names, config.key_map)
             stored = demo_file.stored_stats()
-            wanted = ["actions"] + [f"obs/{keys[k]}" for k in config.state_keys]
-            if config.state_keys and all(key in stored for key in wanted):
-                stats = {"actions": stored["actions"], "state": Stats.concat([stored[key] for key in wanted[1:]])}
+            if "actions" in stored and all(group and all(f"obs/{keys[k]}" in stored for k in group) for group in groups.values()):
+                stats = {"actions": stored["actions"]}
+                stats.update({name: Stats.concat([stored[f"obs/{keys[k]}"] for k in group]) for name, group in groups.items()})
     if stats is None:
-        actions, states = [], []
+        raw: dict[str, list[np.ndarray]] = {"actions": [], **{name: [] for name in groups}}
         for file_index, path in enumerate(config.paths):
             with DemoFile(path) as demo_file:
-                keys = file_keys[file_index] if file_keys else demo_file.resolve(list(config.state_keys), config.key_map)
+                keys = file_keys[file_index] if file_keys else demo_file.resolve(names, config.key_map)
                 for demo in demo_file.demos:
-                    a, s = read_low_dim(demo_file, demo, keys, config.state_keys)
-                    actions.append(a)
-                    states.append(s)
-        stats = {"actions": compute_stats(np.concatenate(actions)), "state": compute_stats(np.concatenate(states))}
-    normalizers = {"actions": Normalizer(stats["actions"], config.action_norm), "state": Normalizer(stats["state"], config.state_norm)}
-    if config.aux_keys:
-        aux = []
-        for path in config.paths:
-            with DemoFile(path) as demo_file:
-                keys = demo_file.resolve(list(config.aux_keys), config.key_map)
-                aux += [read_columns(demo_file, demo, keys, config.aux_keys, demo_file.num_samples(demo)) for demo in demo_file.demos]
-        normalizers["aux"] = Normalizer(compute_stats(np.concatenate(aux)), "mean_std")
-    return normalizers
+                    actions = demo_file.read(demo, "actions").astype(np.float32)
+                    raw["actions"].append(actions)
+                    for name, group in groups.items():
+                        raw[name].append(read_columns(demo_file, demo, keys, group, len(actions)))
+        stats = {name: compute_stats(np.concatenate(parts)) for name, parts in raw.items()}
+    modes = {"actions": config.action_norm, "state": config.state_norm, "aux": "mean_std"}
+    return {name: Normalizer(value, modes[name]) for name, value in stats.items()}
 
 
 def read_low_dim(demo_file: DemoFile, demo: str, keys: dict[str, str], state_keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
