@@ -10,6 +10,7 @@ import numpy as np
 
 from envs.base import TabletopEnv
 from envs.scene import CUBE_HALF
+from envs.tasks import WORKSPACE
 
 OPEN, CLOSED = -1.0, 1.0
 SAFE_Z = 0.1  # grasp-point height at which the open fingers clear every cube
@@ -159,14 +160,37 @@ class PushExpert(Expert):
         return self.move(ee, np.array([ee[0], ee[1], self.PUSH_Z]), CLOSED)
 
 
+class PlayExpert(Expert):
+    """Undirected play, not the task: the open gripper moves from one random waypoint to the next,
+    most often above a random object (cube or pad, whichever the instruction names), else anywhere
+    over the table. Its frames show many scene layouts with the arm in task-like poses: data for
+    grounding targets (``DataConfig.grounding_paths``), never for actions."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.waypoint = None
+
+    def act(self, s):
+        ee, rng = s["ee_pos"], self.env.np_random
+        if self.waypoint is None or np.linalg.norm(ee - self.waypoint) < 0.01:
+            objects = np.concatenate([s["cube_pos"], s["pad_pos"]])
+            if rng.random() < 0.7:
+                xy = objects[rng.integers(len(objects)), :2] + rng.normal(0.0, 0.02, size=2)
+            else:
+                xy = rng.uniform(-WORKSPACE, WORKSPACE, size=2)
+            self.waypoint = np.array([*xy, rng.uniform(2 * CUBE_HALF + 0.01, CARRY_Z)])
+        return self.move(ee, self.waypoint, OPEN)
+
+
 EXPERTS = {"Reach": ReachExpert, "Push": PushExpert, "PickPlace": PickPlaceExpert, "Stack": StackExpert}
 
 
-def make_expert(env: gym.Env) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-    """The scripted expert for env's task: a callable obs -> action (float32, shape (4,)).
+def make_expert(env: gym.Env, play: bool = False) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """The scripted expert for env's task (or, with `play`, undirected play in its scenes): a callable
+    obs -> action (float32, shape (4,)).
 
     It reads privileged state from the env, and restarts its plan whenever the env is reset."""
     base = env.unwrapped
     if not isinstance(base, TabletopEnv):
         raise TypeError(f"make_expert needs a vla_peft tabletop env, got {type(base).__name__}")
-    return EXPERTS[base.task_name](base)
+    return (PlayExpert if play else EXPERTS[base.task_name])(base)

@@ -66,11 +66,11 @@ def test_replay_catches_actions_shifted_against_observations(reach_file, tmp_pat
 def test_interrupted_collection_leaves_no_file(tmp_path, monkeypatch):
     calls = []
 
-    def interrupted(env, seed):
+    def interrupted(env, seed, *options):
         calls.append(seed)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return run_episode(env, seed)
+        return run_episode(env, seed, *options)
 
     monkeypatch.setattr(collect_module, "run_episode", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -105,3 +105,26 @@ def test_cli_collect_prints_a_summary(tmp_path, capsys):
     assert "kept 1 of 1 episodes (expert success 100.0%)" in printed and "kB/frame" in printed
     with DemoFile(out) as f:
         assert f.obs_keys() == ["agentview_rgb", "ee_pos", "ee_vel", "gripper_states", "target_pos"]
+
+
+def test_play_keeps_every_episode_cut_at_max_steps_and_marks_the_file(tmp_path):
+    out = tmp_path / "play.hdf5"
+    summary = collect(CollectConfig(task="Reach", episodes=3, out=str(out), image_size=32, cameras=("agentview",),
+                                    seed=7, play=True, max_steps=6), progress=False)
+    assert summary["episodes_kept"] == summary["episodes_tried"] == 3
+    env = make_env("Reach", 32, ("agentview",))
+    try:
+        with DemoFile(out) as f:
+            assert f.env_args["expert"] == "play"  # the dataset refuses it as demonstrations
+            for demo, seed in zip(f.demos, (7, 8, 9)):
+                episode = f.episode(demo)
+                assert len(episode) <= 6 and episode.dones[-1] == 1
+                expert, _ = run_episode(env, seed)
+                assert not np.allclose(episode.actions[:2], expert.actions[:2])  # not the task's expert
+                assert np.linalg.norm(episode.obs["ee_pos"][-1] - episode.obs["ee_pos"][0]) > 0.05  # the arm moves
+                env.reset(seed=seed)
+                np.testing.assert_allclose(episode.obs["target_pos"][0], env.unwrapped.cube_pos(0), atol=1e-6)
+    finally:
+        env.close()
+    with pytest.raises(ValueError, match="--max-steps"):
+        collect(CollectConfig(task="Reach", episodes=1, out=str(tmp_path / "x.hdf5"), play=True, max_steps=0))

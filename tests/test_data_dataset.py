@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 from vla_peft.data import (
     DataConfig,
     DemoDataset,
+    DemoFile,
     DemoFileError,
     ImageAugment,
     Normalizer,
@@ -179,3 +180,43 @@ def test_augmentation_random_in_training_centre_crop_in_eval(demo_file):
     torch.testing.assert_close(evaluation[0]["images"], evaluation[0]["images"])
     still = ImageAugment(crop_scale=1.0, brightness=0, contrast=0, saturation=0)
     torch.testing.assert_close(still.train(image), image)
+
+
+def test_grounding_files_train_the_aux_targets_only(tmp_path):
+    demos, play = tmp_path / "reach.hdf5", tmp_path / "play.hdf5"
+    write_synthetic(demos, lengths=(3, 4, 5, 6), seed=1)
+    write_synthetic(play, lengths=(4, 4), seed=2, env_args={"env_name": "synthetic", "expert": "play"})
+    config = DataConfig(paths=[str(demos)], grounding_paths=[str(play)], aux_keys=["ee_pos"], val_fraction=0.25)
+    train_set, val_set = build_datasets(config)
+    assert {ep.file_index for ep in val_set.episodes} == {0}  # validation is demonstrations only
+    assert len(train_set) == 18 - len(val_set) + 8 and train_set.tasks == ["reach", "play"]
+    for i in range(len(train_set)):
+        sample = train_set[i]
+        assert sample["action_mask"].any() == (sample["task_index"] == 0)  # play frames: no action loss
+    # the statistics are the demonstrations' alone, and a play frame's aux target is normalised by them
+    alone = dataset_normalizers(DataConfig(paths=[str(demos)], aux_keys=["ee_pos"]))
+    for name in ("actions", "state", "aux"):
+        np.testing.assert_array_equal(train_set.normalizers[name].stats.mean, alone[name].stats.mean)
+    with DemoFile(play) as f:
+        raw = f.read(f.demos[0], "obs/ee_pos")[2]
+    first_play = next(i for i in range(len(train_set)) if train_set[i]["task_index"] == 1)
+    np.testing.assert_allclose(train_set[first_play + 2]["aux"], alone["aux"].normalize(raw), rtol=1e-6)
+
+    with pytest.raises(ValueError, match="set aux_keys"):
+        DataConfig(paths=[str(demos)], grounding_paths=[str(play)])
+    with pytest.raises(DemoFileError, match="holds play.*grounding_paths"):
+        DemoDataset(DataConfig(paths=[str(demos), str(play)]))
+
+
+def test_each_batch_takes_its_grounding_share_from_the_last_indices():
+    from vla_peft.train.sampler import StepBatchSampler
+
+    sampler = StepBatchSampler(30, 8, seed=0, start_step=0, total_steps=40, grounding_samples=20, grounding_per_batch=2)
+    batches = [sampler.global_batch_at(step) for step in range(40)]
+    assert all(len(batch) == 8 and sum(i >= 10 for i in batch) == 2 for batch in batches)
+    seen = [i for batch in batches for i in batch]
+    assert set(seen) == set(range(30))  # both streams go round every index
+    assert [seen.count(i) for i in range(10)] == [24] * 10  # 40 steps x 6 demonstration frames, whole epochs
+    two = StepBatchSampler(30, 8, seed=0, start_step=5, total_steps=6, world_size=2, rank=1,
+                           grounding_samples=20, grounding_per_batch=2)
+    assert list(two) == [batches[5][4:]]  # processes split the same global batch

@@ -27,12 +27,12 @@ def test_quick_demo_end_to_end(tiny_llava_dir, tmp_path, capsys):
         task = row["task"]
         assert row["method"] == "lora" and 0 < row["trainable_percent"] < 100
         assert row["trainable_parameters"] < row["total_parameters"]
-        assert row["demos"] == 4 and row["train_steps"] == 4 and row["train_s"] > 0
+        assert row["demos"] == row["play_scenes"] == 4 and row["train_steps"] == 4 and row["train_s"] > 0
         per_task = info["results"]["per_task"][task]
         assert row["episodes"] == per_task["episodes"] == 2
         assert row["success_rate"] == per_task["success_rate"] and row["ci95"] == per_task["ci95"]
         assert row["action_latency_ms_p50"] > 0
-        assert (out / "data" / f"{task}.hdf5").is_file()
+        assert (out / "data" / f"{task}.hdf5").is_file() and (out / "data" / f"{task}_play.hdf5").is_file()
         assert (out / "train" / task / "loss_curve.png").stat().st_size > 0
         assert (out / "train" / task / "bundle" / "bundle.json").is_file()
         assert (out / "videos" / f"{task}_ep000.mp4").stat().st_size > 0

@@ -94,17 +94,24 @@ def test_aux_targets_add_a_grounding_loss_and_travel_in_the_bundle(tiny_llava_di
         raw = f[f"data/{data.episodes[0].demo}/obs/target_pos"][2]
     np.testing.assert_allclose(data[2]["aux"], policy.normalizers["aux"].normalize(raw), rtol=1e-6)
     batch = torch.utils.data.default_collate([data[i] for i in range(6)])
+    batch["aux"][0, 2] = 125.0  # a knocked cube's height in floor-scale units counts as 3 (clamped)
     policy.eval()
     with torch.no_grad():
         out = policy(batch)
         hidden = policy.query_hidden(batch["images"][:, :, -1], batch["state"][:, -1], list(batch["instruction"]))
-        by_hand = (policy.aux_head(hidden) - batch["aux"].unsqueeze(1)).pow(2).mean()  # every query predicts it
+        target = batch["aux"].clamp(-3, 3).unsqueeze(1)
+        by_hand = (policy.aux_head(hidden) - target).pow(2).mean()  # every query predicts it
     torch.testing.assert_close(out["aux_mse"], by_hand)
     torch.testing.assert_close(out["loss"], out["l1"] + 2.0 * by_hand)
     obs = frames(demos, [(0, 1), (3, 7)])  # inference needs no aux key
     np.testing.assert_allclose(load_bundle(tmp_path / "bundle").predict_chunk(obs), policy.predict_chunk(obs), atol=1e-5)
     with pytest.raises(Exception, match="cube_pose"):
         train(run_config(tiny_llava_dir, demos, tmp_path / "bad", policy={"aux_keys": ["cube_pose"]}), progress=False)
+    # grounding-only frames (play) join the training batches at data.grounding_fraction, through the same entry
+    play = write_demos(tmp_path / "play.hdf5", episodes=3, seed=5)
+    run = run_config(tiny_llava_dir, demos, tmp_path / "play_run", policy={"aux_keys": ["target_pos"]})
+    run.data.update(grounding_paths=[str(play)], grounding_fraction=0.25)
+    assert "aux_mse" in train(run, progress=False).summary["final"]
 
 
 @pytest.mark.parametrize("head", ["continuous", "discrete"])

@@ -50,6 +50,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     config = CollectConfig(
         task=args.task, episodes=args.episodes, out=args.out, image_size=args.image_size, cameras=tuple(args.cameras),
         seed=args.seed, workers=args.workers, keep_failed=args.keep_failed, max_attempts=args.max_attempts,
+        play=args.play, max_steps=args.max_steps,
     )
     summary = collect(config)
     print(format_summary(summary))
@@ -90,6 +91,11 @@ def add_data_commands(sub) -> None:
     collect.add_argument("--workers", type=int, default=1, help="parallel worker processes (default: 1)")
     collect.add_argument("--keep-failed", action="store_true", help="keep episodes where the expert failed too (default: only successes)")
     collect.add_argument("--max-attempts", type=int, default=None, help="episodes to try at most (default: 3 x episodes + 10)")
+    collect.add_argument("--play", action="store_true",
+                         help="undirected play (random waypoints over the objects) instead of the expert: scenes for "
+                              "grounding targets only, listed under data.grounding_paths (default: off)")
+    collect.add_argument("--max-steps", type=int, default=None,
+                         help="cut each episode after this many steps (default: the task's step limit)")
     collect.set_defaults(func=cmd_collect)
     lerobot = sub.add_parser("import-lerobot", help="convert a local LeRobotDataset (v2.1 or v3.0) directory to HDF5")
     lerobot.add_argument("src", help="root of the LeRobot dataset (holds meta/info.json)")

@@ -26,10 +26,14 @@ DEFAULT_METHOD = ROOT / "configs" / "peft" / "lora.yaml"
 DEFAULT_TASKS = ("Reach", "Push", "PickPlace")
 TASK_SECTIONS = ("task", "collect", "policy", "data", "train")
 COLLECT_KEYS = ("episodes", "image_size", "seed", "workers", "max_attempts")
+# play_episodes > 0: also record that many scenes of undirected play (max play_max_steps steps each) for
+# the grounding targets (data.grounding_paths); their seeds start at PLAY_SEED + seed, clear of evaluation's
+PLAY_KEYS = ("play_episodes", "play_max_steps")
+PLAY_SEED = 1_000_000
 # Demo-wide evaluation (one eval_info.json for all tasks); `eval.key=value` overrides any EvalConfig field.
 EVAL_DEFAULTS = {"episodes": 20, "seed": 1000, "videos": 2}
 # --quick: a smoke run of every stage (minutes, not a measurement).
-QUICK = ["collect.episodes=4", "train.steps=4", "train.batch_size=8", "train.warmup_steps=1",
+QUICK = ["collect.episodes=4", "collect.play_episodes=4", "train.steps=4", "train.batch_size=8", "train.warmup_steps=1",
          "train.eval_every=4", "train.save_every=4", "train.log_every=1", "eval.episodes=2", "eval.videos=1",
          "eval.max_steps=12"]
 
@@ -84,7 +88,7 @@ def load_task_settings(task: str) -> dict:
         raise FileNotFoundError(f"no demo settings for task {task!r} at {path}; known tasks: {known}")
     raw = yaml.safe_load(path.read_text()) or {}
     check_keys(raw, TASK_SECTIONS, str(path))
-    check_keys(raw.get("collect") or {}, COLLECT_KEYS, f"{path} collect")
+    check_keys(raw.get("collect") or {}, COLLECT_KEYS + PLAY_KEYS, f"{path} collect")
     return raw
 
 
@@ -118,21 +122,29 @@ def prepare_task(task: str, config: DemoConfig, base: str, out: Path, own: dict,
     from vla_peft.train.config import load_run_config
 
     settings = load_task_settings(task)
-    check_keys(own["collect"], COLLECT_KEYS, "collect override")
+    check_keys(own["collect"], COLLECT_KEYS + PLAY_KEYS, "collect override")
     collect = {"seed": config.seed, **(settings.get("collect") or {}), **own["collect"]}
+    play = {key: collect.pop(key) for key in PLAY_KEYS if key in collect}
     policy = {**(settings.get("policy") or {}), "base": base}
-    data_path = out / "data" / f"{task}.hdf5"
+    data_path, play_path = out / "data" / f"{task}.hdf5", out / "data" / f"{task}_play.hdf5"
+    data = {**(settings.get("data") or {}), "paths": [str(data_path)]}
+    if play.get("play_episodes"):
+        data["grounding_paths"] = [str(play_path)]
     raw = {
         "policy": policy,
         "method": resolve_method(config.method),
-        "data": {**(settings.get("data") or {}), "paths": [str(data_path)]},
+        "data": data,
         "train": {"seed": config.seed, **(settings.get("train") or {}), "output_dir": str(out / "train" / task)},
     }
     run = load_run_config(raw, run_overrides)
     check_keys(run.data, [f.name for f in dataclasses.fields(DataConfig)], "data")
     collect_config = CollectConfig(task=settings.get("task", task), out=str(data_path),
                                    cameras=tuple(run.policy.cameras), **collect)
-    return collect_config, run
+    play_config = None
+    if play.get("play_episodes"):
+        play_config = dataclasses.replace(collect_config, out=str(play_path), episodes=play["play_episodes"],
+                                          seed=PLAY_SEED + config.seed, play=True, max_steps=play.get("play_max_steps"))
+    return collect_config, play_config, run
 
 
 def run_demo(config: DemoConfig) -> dict:
@@ -154,7 +166,7 @@ def run_demo(config: DemoConfig) -> dict:
     if config.base is None:
         print("base: the tiny pretrained base (building it once if neither shipped nor cached) ...", flush=True)
     base = str(config.base or default_base_path())
-    for _, run in prepared.values():
+    for *_, run in prepared.values():
         run.policy.base = base
     out.mkdir(parents=True, exist_ok=True)
     print(f"base: {base}\noutput: {out}", flush=True)
@@ -194,8 +206,8 @@ def run_demo(config: DemoConfig) -> dict:
     return summary
 
 
-def collect_and_train(task: str, collect_config, run, progress: bool = True) -> dict:
-    """Collect one task's demonstrations, train its bundle, return its table row."""
+def collect_and_train(task: str, collect_config, play_config, run, progress: bool = True) -> dict:
+    """Collect one task's demonstrations (and play scenes), train its bundle, return its table row."""
     from vla_peft.data.collect import collect
     from vla_peft.peft.report import numel
     from vla_peft.train import train
@@ -203,6 +215,11 @@ def collect_and_train(task: str, collect_config, run, progress: bool = True) -> 
     if progress:
         print(f"\n== {task}: collect {collect_config.episodes} expert demonstrations", flush=True)
     collected = collect(collect_config, progress=progress)
+    played = {"episodes_kept": 0, "seconds": 0.0}
+    if play_config is not None:
+        if progress:
+            print(f"== {task}: record {play_config.episodes} play scenes for the grounding targets", flush=True)
+        played = collect(play_config, progress=progress)
     if progress:
         print(f"== {task}: train {method_label(run)} for {run.train.steps} steps", flush=True)
     result = train(run, progress=progress)
@@ -212,7 +229,8 @@ def collect_and_train(task: str, collect_config, run, progress: bool = True) -> 
         "task": task, "method": method_label(run), "trainable_parameters": trainable,
         "total_parameters": total, "trainable_percent": round(100 * trainable / total, 3),
         "demos": collected["episodes_kept"], "demo_frames": collected["frames"],
-        "collect_s": round(collected["seconds"], 1), "train_steps": run.train.steps,
+        "play_scenes": played["episodes_kept"],
+        "collect_s": round(collected["seconds"] + played["seconds"], 1), "train_steps": run.train.steps,
         "train_s": result.summary["elapsed_s"], "final_loss": result.summary["final"].get("loss"),
         "bundle": result.summary["bundle"], "loss_curve": str(Path(run.train.output_dir) / "loss_curve.png"),
     }
@@ -254,13 +272,13 @@ def base_recipe(base: str) -> dict | None:
 
 def format_table(summary: dict) -> str:
     """The demo's one table: how much was trained, on what, how fast, and how well it worked."""
-    head = (f"{'task':<10} {'method':<9} {'trainable':>9} {'demos':>5} {'steps':>5} {'train':>7} "
+    head = (f"{'task':<10} {'method':<9} {'trainable':>9} {'demos':>5} {'play':>5} {'steps':>5} {'train':>7} "
             f"{'success':>8} {'95% CI':>14} {'ms/action':>9}")
     lines = [head, "-" * len(head)]
     for r in summary["rows"]:
         ci = f"[{100 * r['ci95'][0]:.0f}, {100 * r['ci95'][1]:.0f}]"
         latency = "-" if r["action_latency_ms_p50"] is None else f"{r['action_latency_ms_p50']:.1f}"
-        lines.append(f"{r['task']:<10} {r['method']:<9} {r['trainable_percent']:>8.2f}% {r['demos']:>5} "
+        lines.append(f"{r['task']:<10} {r['method']:<9} {r['trainable_percent']:>8.2f}% {r['demos']:>5} {r['play_scenes']:>5} "
                      f"{r['train_steps']:>5} {r['train_s']:>6.0f}s {100 * r['success_rate']:>7.1f}% {ci:>14} "
                      f"{latency:>9}")
     return "\n".join(lines)

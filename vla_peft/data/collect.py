@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from vla_peft.data.hdf5 import DemoWriter, Episode
 
-_worker_env = None  # one environment per worker process, built once
+_worker_env = _worker_config = None  # one environment per worker process, built once
 
 
 @dataclass
@@ -32,6 +32,8 @@ class CollectConfig:
     workers: int = 1
     keep_failed: bool = False
     max_attempts: int | None = None  # default: 3 x episodes (+ 10)
+    play: bool = False  # undirected play instead of the expert: frames for grounding targets only
+    max_steps: int | None = None  # cut each episode after this many steps (default: the task's limit)
 
 
 def make_env(task: str, image_size: int, cameras: tuple[str, ...]):
@@ -46,15 +48,15 @@ def make_env(task: str, image_size: int, cameras: tuple[str, ...]):
     return gym.make(env_id, image_size=image_size, cameras=tuple(cameras), terminate_on_success=True)
 
 
-def run_episode(env, seed: int) -> tuple[Episode, bool]:
-    """Roll the scripted expert out from `seed` until success or the step limit."""
+def run_episode(env, seed: int, play: bool = False, max_steps: int | None = None) -> tuple[Episode, bool]:
+    """Roll the scripted expert (or play) out from `seed` until success or the step limit."""
     import envs
 
-    expert = envs.make_expert(env)
+    expert = envs.make_expert(env, play=play)
     obs, info = env.reset(seed=seed)
     observations: dict[str, list] = {}
     actions, rewards, dones = [], [], []
-    while True:
+    while max_steps is None or len(actions) < max_steps:
         action = np.asarray(expert(obs), dtype=np.float32)
         # the privileged task positions ride along as observations, for training-only targets
         for key, value in {**obs, **env.unwrapped.task_positions()}.items():
@@ -66,6 +68,8 @@ def run_episode(env, seed: int) -> tuple[Episode, bool]:
         dones.append(terminated or truncated or success)
         if terminated or truncated:
             break
+    else:
+        dones[-1] = 1
     episode = Episode(
         actions=np.stack(actions),
         obs={key: np.stack(values) for key, values in observations.items()},
@@ -77,16 +81,16 @@ def run_episode(env, seed: int) -> tuple[Episode, bool]:
     return episode, success
 
 
-def _init_worker(task: str, image_size: int, cameras: tuple[str, ...]) -> None:
+def _init_worker(config: CollectConfig) -> None:
     """Workers leave Ctrl-C and `kill` to the parent, which tears the pool down."""
-    global _worker_env
+    global _worker_env, _worker_config
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _worker_env = make_env(task, image_size, cameras)
+    _worker_env, _worker_config = make_env(config.task, config.image_size, config.cameras), config
 
 
 def _worker_episode(seed: int) -> tuple[Episode, bool]:
-    return run_episode(_worker_env, seed)
+    return run_episode(_worker_env, seed, _worker_config.play, _worker_config.max_steps)
 
 
 def env_args_for(env, config: CollectConfig) -> dict:
@@ -97,6 +101,7 @@ def env_args_for(env, config: CollectConfig) -> dict:
     base = env.unwrapped
     return {
         "env_name": env.spec.id,
+        "expert": "play" if config.play else "scripted",
         "type": "vla_peft",
         "env_kwargs": {"image_size": config.image_size, "cameras": list(config.cameras)},
         "task_name": base.task_name,
@@ -117,6 +122,8 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
     """
     if config.episodes < 1:
         raise ValueError(f"--episodes must be at least 1, got {config.episodes}")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise ValueError(f"--max-steps must be at least 1, got {config.max_steps}")
     attempts_allowed = config.max_attempts or 3 * config.episodes + 10
     seeds = range(config.seed, config.seed + attempts_allowed)
     start = time.perf_counter()
@@ -129,16 +136,14 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
             if config.workers > 1:
                 env.close()
                 # spawn, not fork: a forked child can inherit a lock held by a GL or BLAS thread and hang
-                pool = multiprocessing.get_context("spawn").Pool(
-                    config.workers, _init_worker, (config.task, config.image_size, tuple(config.cameras))
-                )
+                pool = multiprocessing.get_context("spawn").Pool(config.workers, _init_worker, (config,))
                 results = pool.imap(_worker_episode, seeds)
             else:
-                results = (run_episode(env, seed) for seed in seeds)
+                results = (run_episode(env, seed, config.play, config.max_steps) for seed in seeds)
             for episode, success in results:
                 attempts += 1
                 successes += success
-                if success or config.keep_failed:
+                if success or config.keep_failed or config.play:
                     writer.add(episode)
                     bar.update(1)
                 bar.set_postfix(success=f"{successes / attempts:.0%}")
@@ -155,6 +160,7 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
     size = Path(config.out).stat().st_size
     return {
         "out": str(config.out),
+        "expert": "play" if config.play else "expert",
         "episodes_kept": kept,
         "episodes_tried": attempts,
         "success_rate": successes / attempts,
@@ -168,7 +174,7 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
 def format_summary(summary: dict) -> str:
     return (
         f"kept {summary['episodes_kept']} of {summary['episodes_tried']} episodes "
-        f"(expert success {summary['success_rate']:.1%}), {summary['frames']} frames, "
+        f"({summary['expert']} success {summary['success_rate']:.1%}), {summary['frames']} frames, "
         f"{summary['bytes'] / 1e6:.1f} MB ({summary['bytes_per_frame'] / 1e3:.1f} kB/frame), "
         f"{summary['seconds']:.1f} s -> {summary['out']}"
     )

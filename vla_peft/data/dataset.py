@@ -29,6 +29,10 @@ class DataConfig:
     cameras: list[str] = field(default_factory=lambda: ["agentview"])
     state_keys: list[str] = field(default_factory=lambda: ["ee_pos", "gripper_states"])
     aux_keys: list[str] = field(default_factory=list)  # training-only targets (e.g. target_pos), see PolicyConfig
+    # files whose frames train only the aux targets, never the actions (e.g. `vla-peft collect --play`):
+    # more scenes for the grounding without more demonstrations, as RT-2 co-trains on VQA data
+    grounding_paths: list[str] = field(default_factory=list)
+    grounding_fraction: float = 0.5  # share of each training batch drawn from grounding_paths
     key_map: str | dict[str, str] = "auto"
     chunk_size: int = 8
     history: int = 1
@@ -45,6 +49,18 @@ class DataConfig:
             self.paths = [self.paths]
         if not self.paths:
             raise ValueError("DataConfig.paths is empty: give at least one demonstration file")
+        if isinstance(self.grounding_paths, (str, Path)):
+            self.grounding_paths = [self.grounding_paths]
+        if self.grounding_paths and not self.aux_keys:
+            raise ValueError("DataConfig.grounding_paths train only the aux targets: set aux_keys (e.g. [target_pos]) "
+                             "or drop grounding_paths")
+        if not 0 < self.grounding_fraction < 1:
+            raise ValueError(f"grounding_fraction must be in (0, 1), got {self.grounding_fraction}")
+
+    @property
+    def all_paths(self) -> list[str]:
+        """Demonstration files first, then grounding-only files (file index = position here)."""
+        return [*self.paths, *self.grounding_paths]
         if self.chunk_size < 1 or self.history < 1:
             raise ValueError(f"chunk_size and history must be >= 1, got {self.chunk_size} and {self.history}")
 
@@ -81,7 +97,8 @@ class DemoDataset(Dataset):
       state         float32 (history, S)   normalised concatenation of `state_keys`
       history_mask  bool (history,)        False for frames before the episode's start (copies of frame 0)
       actions       float32 (chunk, A)     normalised actions t .. t+chunk-1
-      action_mask   bool (chunk,)          False past the episode's end (padded with its last action)
+      action_mask   bool (chunk,)          False past the episode's end (padded with its last action),
+                                           and everywhere for frames of `grounding_paths`
       aux           float32 (X,)           normalised `aux_keys` at the current frame (X = 0 without them)
       instruction   str
       task_index, episode_index, frame_index   int
@@ -98,14 +115,17 @@ class DemoDataset(Dataset):
         self.train = train
         self.augment = ImageAugment(crop_scale=config.crop_scale) if config.augment else None
         self.image_keys = [f"{camera}_rgb" for camera in config.cameras]
-        self.tasks = [Path(path).stem for path in config.paths]
+        self.tasks = [Path(path).stem for path in config.all_paths]
         self._file_keys: list[dict[str, str]] = []
         raw: list[tuple[int, str, int, str, np.ndarray, np.ndarray, np.ndarray]] = []
         self.image_shape = None
         self.action_dim = None
-        for file_index, path in enumerate(config.paths):
+        for file_index, path in enumerate(config.all_paths):
             with DemoFile(path) as demo_file:
                 keys = demo_file.resolve(self.image_keys + list(config.state_keys) + list(config.aux_keys), config.key_map)
+                if file_index < len(config.paths) and demo_file.env_args.get("expert") == "play":
+                    raise DemoFileError(f"{path} holds play, not demonstrations: its actions are not the task's; "
+                                        "list it under data.grounding_paths")
                 chosen = demo_file.demos if episodes is None else episodes[file_index]
                 demo_file.check(keys, chosen)
                 self._check_consistent(demo_file, keys, chosen[0] if chosen else None)
@@ -158,7 +178,7 @@ class DemoDataset(Dataset):
         if self._pid != os.getpid():  # forked into a DataLoader worker: HDF5 handles must not be shared
             self._handles, self._image_datasets, self._pid = {}, {}, os.getpid()
         if file_index not in self._handles:
-            self._handles[file_index] = DemoFile(self.config.paths[file_index])
+            self._handles[file_index] = DemoFile(self.config.all_paths[file_index])
         return self._handles[file_index]
 
     def _read_frames(self, episode_number: int, key: str, rows: slice) -> np.ndarray:
@@ -183,6 +203,11 @@ class DemoDataset(Dataset):
 
     def __len__(self) -> int:
         return int(self._starts[-1])
+
+    @property
+    def grounding_samples(self) -> int:
+        """Frames of `grounding_paths`: the last indices, as their files come after the demonstrations."""
+        return sum(ep.length for ep in self.episodes if ep.file_index >= len(self.config.paths))
 
     def locate(self, index: int) -> tuple[int, int]:
         """(episode number, frame) of a flat sample index."""
@@ -216,7 +241,7 @@ class DemoDataset(Dataset):
             "state": torch.from_numpy(np.concatenate([np.repeat(state[:1], pad_front, axis=0), state])),
             "history_mask": torch.arange(history) >= pad_front,
             "actions": torch.from_numpy(np.concatenate([actions, np.repeat(actions[-1:], pad_back, axis=0)])),
-            "action_mask": torch.arange(chunk) < chunk - pad_back,
+            "action_mask": (torch.arange(chunk) < chunk - pad_back) & (ep.file_index < len(self.config.paths)),
             "aux": torch.from_numpy(ep.aux[t]),
             "instruction": ep.instruction,
             "task_index": ep.file_index,
@@ -271,11 +296,15 @@ def read_columns(demo_file: DemoFile, demo: str, keys: dict[str, str], names: li
 
 
 def build_datasets(config: DataConfig) -> tuple[DemoDataset, DemoDataset | None]:
-    """Train and validation datasets split by episode within each file; both share one set of normalisers."""
+    """Train and validation datasets split by episode within each demonstration file (grounding-only
+    files all train); both share one set of normalisers, from the demonstrations."""
     train_demos, val_demos = [], []
-    for path in config.paths:
+    for file_index, path in enumerate(config.all_paths):
         with DemoFile(path) as demo_file:
-            train, val = split_episodes(demo_file.demos, config.val_fraction, config.split_seed)
+            if file_index < len(config.paths):
+                train, val = split_episodes(demo_file.demos, config.val_fraction, config.split_seed)
+            else:
+                train, val = demo_file.demos, []
         train_demos.append(train)
         val_demos.append(val)
     normalizers = dataset_normalizers(config)

@@ -28,6 +28,8 @@ from vla_peft.policy.heads import ContinuousHead, DiscreteHead
 from vla_peft.policy.image import PixelNormalizer, check_camera_image, check_size
 from vla_peft.policy.peft_link import inject_method
 
+AUX_RANGE = 3.0  # aux targets are clamped to [-3, 3] normalised (mean/std) units
+
 
 class VLAPolicy(nn.Module):
     def __init__(self, config: PolicyConfig, vlm: nn.Module, processor=None, method_config=None):
@@ -229,8 +231,10 @@ class VLAPolicy(nn.Module):
         hidden = self.query_hidden(batch["images"][:, :, -1], batch["state"][:, -1], list(batch["instruction"]))
         result = self.head.loss(self.head(hidden), actions, batch["action_mask"].to(self.device).bool())
         if self.aux_head is not None:
-            aux = batch["aux"].to(self.device, torch.float32).unsqueeze(1)
-            aux_mse = (self.aux_head(hidden.float()) - aux).pow(2).mean()
+            # clamped: a cube the arm knocks moves far in a dimension whose scale is the floor (a resting
+            # cube's height), and one such frame would outweigh a batch of table-plane errors
+            aux = batch["aux"].to(self.device, torch.float32).clamp(-AUX_RANGE, AUX_RANGE)
+            aux_mse = (self.aux_head(hidden.float()) - aux.unsqueeze(1)).pow(2).mean()
             result["loss"] = result["loss"] + self.config.aux_weight * aux_mse
             result["aux_mse"] = aux_mse.detach()
         return result

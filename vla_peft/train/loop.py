@@ -131,7 +131,8 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True) -> TrainR
     model, optimizer = accelerator.prepare(policy, optimizer)
 
     sampler = StepBatchSampler(len(train_set), cfg.batch_size, cfg.seed, start, cfg.steps,
-                               accelerator.process_index, accelerator.num_processes, cfg.grad_accum)
+                               accelerator.process_index, accelerator.num_processes, cfg.grad_accum,
+                               train_set.grounding_samples, round(cfg.batch_size * train_set.config.grounding_fraction))
     batches = iter(DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers))
     main = accelerator.is_main_process
     if main:
