@@ -162,7 +162,7 @@ class PushExpert(Expert):
 
 class PlayExpert(Expert):
     """Undirected play, not the task: the open gripper moves from one random waypoint to the next,
-    most often above a random object (cube or pad, whichever the instruction names), else anywhere
+    most often above a random object (any cube or pad, named by the instruction or not), else anywhere
     over the table. Its frames show many scene layouts with the arm in task-like poses: data for
     grounding targets (``DataConfig.grounding_paths``), never for actions."""
 

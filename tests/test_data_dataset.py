@@ -204,6 +204,10 @@ def test_grounding_files_train_the_aux_targets_only(tmp_path):
 
     with pytest.raises(ValueError, match="set aux_keys"):
         DataConfig(paths=[str(demos)], grounding_paths=[str(play)])
+    with pytest.raises(ValueError, match="grounding_fraction"):
+        DataConfig(paths=[str(demos)], grounding_paths=[str(play)], aux_keys=["ee_pos"], grounding_fraction=1.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        DataConfig(paths=[str(demos)], chunk_size=0)
     with pytest.raises(DemoFileError, match="holds play.*grounding_paths"):
         DemoDataset(DataConfig(paths=[str(demos), str(play)]))
 

@@ -160,7 +160,7 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
     size = Path(config.out).stat().st_size
     return {
         "out": str(config.out),
-        "expert": "play" if config.play else "expert",
+        "play": config.play,
         "episodes_kept": kept,
         "episodes_tried": attempts,
         "success_rate": successes / attempts,
@@ -174,7 +174,7 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
 def format_summary(summary: dict) -> str:
     return (
         f"kept {summary['episodes_kept']} of {summary['episodes_tried']} episodes "
-        f"({summary['expert']} success {summary['success_rate']:.1%}), {summary['frames']} frames, "
+        f"({'play' if summary.get('play') else 'expert'} success {summary['success_rate']:.1%}), {summary['frames']} frames, "
         f"{summary['bytes'] / 1e6:.1f} MB ({summary['bytes_per_frame'] / 1e3:.1f} kB/frame), "
         f"{summary['seconds']:.1f} s -> {summary['out']}"
     )

@@ -56,13 +56,13 @@ class DataConfig:
                              "or drop grounding_paths")
         if not 0 < self.grounding_fraction < 1:
             raise ValueError(f"grounding_fraction must be in (0, 1), got {self.grounding_fraction}")
+        if self.chunk_size < 1 or self.history < 1:
+            raise ValueError(f"chunk_size and history must be >= 1, got {self.chunk_size} and {self.history}")
 
     @property
     def all_paths(self) -> list[str]:
         """Demonstration files first, then grounding-only files (file index = position here)."""
         return [*self.paths, *self.grounding_paths]
-        if self.chunk_size < 1 or self.history < 1:
-            raise ValueError(f"chunk_size and history must be >= 1, got {self.chunk_size} and {self.history}")
 
 
 def split_episodes(demos: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
