@@ -64,6 +64,10 @@ class DataConfig:
         """Demonstration files first, then grounding-only files (file index = position here)."""
         return [*self.paths, *self.grounding_paths]
 
+    def is_demonstrations(self, file_index: int) -> bool:
+        """Whether file `file_index` of `all_paths` trains actions (a `paths` file), not only aux targets."""
+        return file_index < len(self.paths)
+
 
 def split_episodes(demos: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Split episode names into (train, val), the same for the same seed; val is never empty if asked for
@@ -123,7 +127,7 @@ class DemoDataset(Dataset):
         for file_index, path in enumerate(config.all_paths):
             with DemoFile(path) as demo_file:
                 keys = demo_file.resolve(self.image_keys + list(config.state_keys) + list(config.aux_keys), config.key_map)
-                if file_index < len(config.paths) and demo_file.env_args.get("expert") == "play":
+                if config.is_demonstrations(file_index) and demo_file.env_args.get("expert") == "play":
                     raise DemoFileError(f"{path} holds play, not demonstrations: its actions are not the task's; "
                                         "list it under data.grounding_paths")
                 chosen = demo_file.demos if episodes is None else episodes[file_index]
@@ -207,7 +211,7 @@ class DemoDataset(Dataset):
     @property
     def grounding_samples(self) -> int:
         """Frames of `grounding_paths`: the last indices, as their files come after the demonstrations."""
-        return sum(ep.length for ep in self.episodes if ep.file_index >= len(self.config.paths))
+        return sum(ep.length for ep in self.episodes if not self.config.is_demonstrations(ep.file_index))
 
     def locate(self, index: int) -> tuple[int, int]:
         """(episode number, frame) of a flat sample index."""
@@ -241,7 +245,7 @@ class DemoDataset(Dataset):
             "state": torch.from_numpy(np.concatenate([np.repeat(state[:1], pad_front, axis=0), state])),
             "history_mask": torch.arange(history) >= pad_front,
             "actions": torch.from_numpy(np.concatenate([actions, np.repeat(actions[-1:], pad_back, axis=0)])),
-            "action_mask": (torch.arange(chunk) < chunk - pad_back) & (ep.file_index < len(self.config.paths)),
+            "action_mask": (torch.arange(chunk) < chunk - pad_back) & self.config.is_demonstrations(ep.file_index),
             "aux": torch.from_numpy(ep.aux[t]),
             "instruction": ep.instruction,
             "task_index": ep.file_index,
@@ -301,7 +305,7 @@ def build_datasets(config: DataConfig) -> tuple[DemoDataset, DemoDataset | None]
     train_demos, val_demos = [], []
     for file_index, path in enumerate(config.all_paths):
         with DemoFile(path) as demo_file:
-            if file_index < len(config.paths):
+            if config.is_demonstrations(file_index):
                 train, val = split_episodes(demo_file.demos, config.val_fraction, config.split_seed)
             else:
                 train, val = demo_file.demos, []
