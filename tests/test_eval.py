@@ -222,6 +222,24 @@ def test_config_file_with_flags_overriding_it(bundles, tmp_path, capsys):
     assert "no bundle for task 'Nope'" in capsys.readouterr().err
 
 
+def test_crop_grid_flag_changes_the_test_time_crops(tiny_llava_dir, bundles, tmp_path, capsys):
+    """``--crop-grid`` re-evaluates a bundle with another number of test-time crops (the third-party
+    env's return is the sum of the first action component, so it shows what the policy computed)."""
+    tta = save_bundle(make_policy(tiny_llava_dir, 3, center_crop=0.8, eval_crop_grid=2), tmp_path / "tta")
+    returns = {}
+    for grid in (None, 1):
+        out = tmp_path / f"grid{grid}"
+        argv = ["eval", "--bundle", str(tta), "--env-id", THIRD_PARTY, "--key-map", json.dumps(KEY_MAP),
+                "--episodes", "2", "--out", str(out), "--no-progress"] + (["--crop-grid", str(grid)] if grid else [])
+        assert main(argv) == 0
+        returns[grid] = json.loads((out / "eval_info.json").read_text())["results"]["per_task"][THIRD_PARTY]["mean_return"]
+    assert returns[None] != pytest.approx(returns[1], abs=1e-6)
+    argv = ["eval", "--bundle", str(bundles["A"]), "--env-id", THIRD_PARTY, "--key-map", json.dumps(KEY_MAP),
+            "--episodes", "1", "--out", str(tmp_path / "bad"), "--no-progress", "--crop-grid", "2"]
+    assert main(argv) == 2
+    assert "needs an evaluation crop" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("ensemble", [0.0, 0.5])
 def test_per_slot_action_queues_follow_select_action(ensemble):
     """The evaluator's per-env chunking gives, step for step, what VLAPolicy.select_action gives."""

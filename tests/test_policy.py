@@ -86,6 +86,35 @@ def test_padded_batch_gives_each_samples_own_result(method, tiny_llava_dir, data
     assert together.shape == (2, 4, 4)
 
 
+def test_eval_crop_grid_averages_the_chunks_of_the_crops(tiny_llava_dir, datasets, demos):
+    """Test-time augmentation: the chunk is the mean of the chunks of the n x n crops, each
+    observation of a batch averaged over its own crops only."""
+    from vla_peft.data.augment import ImageAugment, to_float_chw
+
+    policy = make_policy(tiny_llava_dir, datasets, center_crop=0.8, eval_crop_grid=2)
+    a, b = raw_obs(demos, 0, 2), raw_obs(demos, 1, 5, "touch the red block now please")
+    batch = {k: (np.stack([a[k], b[k]]) if k != "instruction" else [a[k], b[k]]) for k in a}
+    together = policy.predict_chunk(batch, binarize_gripper=False)
+    np.testing.assert_allclose(together[1], policy.predict_chunk(b, binarize_gripper=False), atol=1e-5)
+
+    side = round(IMAGE_SIZE * 0.8 ** 0.5)  # 29 of 32: crops at offsets 0 and 3 on each axis
+    state = policy.normalizers["state"].normalize(torch.from_numpy(np.concatenate([a["ee_pos"], a["gripper_states"]])[None]))
+    image = to_float_chw(a["agentview_rgb"])[None]
+    with torch.no_grad():
+        chunks = [policy.head.decode(policy.head_output(
+            ImageAugment(0.8)._crop_resize(image, top, left, side, side)[:, None], state, [a["instruction"]]))
+            for top in (0, IMAGE_SIZE - side) for left in (0, IMAGE_SIZE - side)]
+    reference = policy.normalizers["actions"].unnormalize(torch.stack(chunks).mean(0))[0].numpy()
+    np.testing.assert_allclose(together[0], reference, atol=1e-5)
+    assert not np.allclose(chunks[0], chunks[-1])  # the crops do differ
+
+    policy.config.eval_crop_grid = 1  # the centre crop only: another chunk
+    assert not np.allclose(policy.predict_chunk(a, binarize_gripper=False), together[0], atol=1e-4)
+    uncropped = make_policy(tiny_llava_dir, datasets, eval_crop_grid=2)
+    with pytest.raises(ValueError, match="eval_crop_grid=2 needs an evaluation crop"):
+        uncropped.predict_chunk(a)
+
+
 def test_wrong_image_size_and_dtype_are_refused(tiny_llava_dir, datasets, demos):
     policy = make_policy(tiny_llava_dir, datasets)
     obs = raw_obs(demos)

@@ -22,6 +22,8 @@ def bundles(tiny_llava_dir, tmp_path_factory):
     paths = {}
     for name, seed, lora in (("A", 1, True), ("B", 2, True), ("H", 3, False)):
         paths[name] = save_bundle(make_policy(tiny_llava_dir, seed, lora=lora), root / name)
+    # test-time augmentation: each chunk is the mean over 2 x 2 evaluation crops
+    paths["T"] = save_bundle(make_policy(tiny_llava_dir, 4, center_crop=0.8, eval_crop_grid=2), root / "T")
     return paths
 
 
@@ -138,7 +140,8 @@ def test_merged_mode_refuses_a_4bit_base(tiny_llava_dir):
     AdapterBank(vlm, processor, mode="unmerged")  # unmerged works on NF4
 
 
-def test_mixed_batch_equals_each_bundle_on_its_own_rows(tiny_llava_dir, bundles):
+@pytest.mark.parametrize("second", ["B", "T"])
+def test_mixed_batch_equals_each_bundle_on_its_own_rows(tiny_llava_dir, bundles, second):
     rng = np.random.default_rng(1)
     obs = {
         "agentview_rgb": rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8),
@@ -146,13 +149,13 @@ def test_mixed_batch_equals_each_bundle_on_its_own_rows(tiny_llava_dir, bundles)
         "gripper_states": rng.uniform(0, 0.05, (3, 2)).astype(np.float32),
         "instruction": ["reach the red cube", "stack the small green cube on the big blue cube", "push it"],
     }
-    names = ["A", "B", "A"]
+    names = ["A", second, "A"]
     bank = AdapterBank.from_base(tiny_llava_dir)
-    for name in ("A", "B"):
+    for name in ("A", second):
         bank.register(name, bundles[name])
-    bank.activate("B")
+    bank.activate(second)
     mixed = bank.predict_mixed(obs, names, binarize_gripper=False)
-    assert bank.active == "B" and bank.vlm.lora_active_adapter.name == "B"
+    assert bank.active == second and bank.vlm.lora_active_adapter.name == second
     for row, name in enumerate(names):
         single = {k: v[row] for k, v in obs.items()}
         np.testing.assert_allclose(mixed[row], act(bank.activate(name), single), atol=1e-5)

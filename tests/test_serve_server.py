@@ -138,8 +138,9 @@ def test_concurrent_clients_mixing_tasks_get_their_own_task(client, url):
 def test_waiting_requests_of_different_tasks_share_one_mixed_batch(bank):
     batcher = TaskBatcher(bank)
     try:
-        gate = threading.Event()
-        batcher.call(lambda _: gate.wait(10))  # holds the worker while the requests queue up
+        holding, gate = threading.Event(), threading.Event()
+        batcher.call(lambda _: (holding.set(), gate.wait(10)))  # holds the worker while the requests queue up
+        assert holding.wait(10)  # else the worker may take the first request in the same sweep as the call
         jobs = [(task, seed) for seed in range(2) for task in TASKS]
         futures = [batcher.submit(task, {**observation(seed), "instruction": "reach the red cube"})
                    for task, seed in jobs]

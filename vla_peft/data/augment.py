@@ -68,3 +68,14 @@ class ImageAugment:
         height, width = images.shape[-2:]
         crop_h, crop_w = self._crop_size(height, width)
         return self._crop_resize(images, (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w)
+
+    def eval_grid(self, images: torch.Tensor, n: int) -> torch.Tensor:
+        """Test-time augmentation: the evaluation crop at n x n evenly spaced places (the centre one
+        for n = 1), stacked along a new first dimension, so predictions can be averaged over them."""
+        if n == 1:
+            return self.eval(images)[None]
+        height, width = images.shape[-2:]
+        crop_h, crop_w = self._crop_size(height, width)
+        tops = np.linspace(0, height - crop_h, n).round().astype(int)
+        lefts = np.linspace(0, width - crop_w, n).round().astype(int)
+        return torch.stack([self._crop_resize(images, int(t), int(l), crop_h, crop_w) for t in tops for l in lefts])

@@ -40,6 +40,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("unmerged", "merged"), default="unmerged",
                    help="with --bank: keep LoRA unmerged or fold the active one into the base (default: unmerged)")
     p.add_argument("--base", help="base checkpoint to load instead of the one the bundle records (default: recorded)")
+    p.add_argument("--crop-grid", type=int,
+                   help="average each chunk over N x N evaluation crops (test-time augmentation; N*N forward rows) "
+                        "(default: the bundle's policy.eval_crop_grid)")
     p.add_argument("--config", help="a YAML file with any of the options below (flags given here override it) (default: none)")
     p.add_argument("--episodes", type=int, help="episodes per task (default: 50)")
     p.add_argument("--seed", type=int, help="episode j of each task starts from seed + j (default: 1000)")
@@ -93,6 +96,15 @@ def bank_bundle(bank: Path, task: str) -> Path:
     raise FileNotFoundError(f"no bundle for task {task!r} in {bank}: looked in {tried}")
 
 
+def set_crop_grid(policies, grid: int | None) -> None:
+    """``--crop-grid``: the same bundles, evaluated with another number of test-time crops."""
+    if grid is not None:
+        if grid < 1:
+            raise ValueError(f"--crop-grid {grid}: use 1 (the centre crop only) or N > 1 for N x N crops")
+        for policy in policies:
+            policy.config.eval_crop_grid = grid
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from vla_peft.eval.evaluate import evaluate, format_table
 
@@ -104,6 +116,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if not task:
             raise ValueError("say what to evaluate on: --task Reach (our tasks) or --env-id <gymnasium id>")
         policy = load_bundle(args.bundle, base=args.base)
+        set_crop_grid([policy], args.crop_grid)
         info = evaluate([task], lambda _task: policy, config,
                         described={"bundle": str(args.bundle), "base": policy.config.base})
     else:
@@ -116,6 +129,7 @@ def run_eval(args: argparse.Namespace) -> int:
         bank = AdapterBank.for_bundle(paths[tasks[0]], mode=args.mode, base=args.base)
         for task, path in paths.items():
             bank.register(task, path)
+        set_crop_grid(bank.policies.values(), args.crop_grid)
         info = evaluate(tasks, bank.activate, config,
                         described={"bank": {t: str(p) for t, p in paths.items()}, "mode": args.mode,
                                    "base": bank.policies[tasks[0]].config.base})

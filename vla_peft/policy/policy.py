@@ -147,18 +147,28 @@ class VLAPolicy(nn.Module):
             self._prompt_ids[key] = expanded
         return self._prompt_ids[key]
 
+    @property
+    def eval_views(self) -> int:
+        """Rows per observation at inference: the evaluation crops that are averaged (``eval_crop_grid`` squared)."""
+        return self.config.eval_crop_grid ** 2
+
     def observation_inputs(self, obs: dict) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """Raw batched observation -> (images (B, C, 3, H, W) in [0, 1], normalised state (B, S), instructions),
-        the same form the training batches have."""
+        """Raw batched observation of B rows -> (images (V*B, C, 3, H, W) in [0, 1], normalised state
+        (V*B, S), instructions), the form the training batches have, for V = ``eval_views`` crops of
+        each observation, crop-major (``average_views`` folds them back)."""
         if self.normalizers is None:
             raise RuntimeError("the policy has no normalisation statistics: train it or load it from a bundle")
+        grid = self.config.eval_crop_grid
+        if grid > 1 and self._eval_crop is None:
+            raise ValueError(f"policy.eval_crop_grid={grid} needs an evaluation crop (center_crop < 1, set when "
+                             "the policy is trained with data.augment): set eval_crop_grid to 1")
         cameras = []
         for camera in self.config.cameras:
             key = f"{camera}_rgb"
             if key not in obs:
                 raise KeyError(f"observation has no image {key!r} (it has {sorted(obs)}): fix policy.cameras")
             images = to_float_chw(check_camera_image(obs[key], camera, self.config.image_size))
-            cameras.append(self._eval_crop.eval(images) if self._eval_crop is not None else images)
+            cameras.append(self._eval_crop.eval_grid(images, grid) if self._eval_crop is not None else images[None])
         parts = []
         for key in self.config.state_keys:
             if key not in obs:
@@ -166,7 +176,12 @@ class VLAPolicy(nn.Module):
             parts.append(np.asarray(obs[key], dtype=np.float32).reshape(len(obs["instruction"]), -1))
         state = np.concatenate(parts, axis=-1) if parts else np.zeros((len(obs["instruction"]), 0), np.float32)
         state = self.normalizers["state"].normalize(torch.from_numpy(state))
-        return torch.stack(cameras, dim=1), state, list(obs["instruction"])
+        views = self.eval_views
+        return torch.stack(cameras, dim=2).flatten(0, 1), state.repeat(views, 1), list(obs["instruction"]) * views
+
+    def average_views(self, outputs: torch.Tensor) -> torch.Tensor:
+        """(V*B, ...) -> (B, ...): the mean over each observation's evaluation crops."""
+        return outputs.view(self.eval_views, -1, *outputs.shape[1:]).mean(0)
 
     def embed(self, images: torch.Tensor, state: torch.Tensor, instructions: list[str]
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -251,7 +266,7 @@ class VLAPolicy(nn.Module):
         if was_training:  # train()/eval() walk every module (every resident adapter too): only when needed
             self.eval()
         try:
-            normalised = self.head.decode(self.head_output(images, state, instructions))
+            normalised = self.average_views(self.head.decode(self.head_output(images, state, instructions)))
         finally:
             if was_training:
                 self.train()

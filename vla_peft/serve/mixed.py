@@ -62,24 +62,26 @@ def predict_mixed(bank, obs: dict, names: list[str], binarize_gripper: bool | No
                 )
 
     active = bank.active
-    parts = {}
+    parts, blocks, start = {}, {}, 0
     try:
         for name, rows in groups.items():  # each task's own embedding, with its LoRA in the vision tower
             bank._set_lora(name)
             policy = policies[name]
             sub = {k: ([v[i] for i in rows] if k == "instruction" else np.asarray(v)[rows]) for k, v in obs.items()}
-            parts[name] = policy.embed(*policy.observation_inputs(sub))
+            parts[name] = policy.embed(*policy.observation_inputs(sub))  # eval_views rows per observation
+            blocks[name] = torch.arange(start, start + parts[name][0].shape[0])
+            start += parts[name][0].shape[0]
         width = max(embeds.shape[1] for embeds, _, _ in parts.values())
         first_embeds = next(iter(parts.values()))[0]
-        embeds = first_embeds.new_zeros(batch, width, first_embeds.shape[-1])
-        mask = torch.zeros(batch, width, dtype=torch.long, device=embeds.device)
-        for name, rows in groups.items():  # left padding keeps every row's tokens where its queries expect them
+        embeds = first_embeds.new_zeros(start, width, first_embeds.shape[-1])
+        mask = torch.zeros(start, width, dtype=torch.long, device=embeds.device)
+        for name, block in blocks.items():  # left padding keeps every row's tokens where its queries expect them
             e, m, _ = parts[name]
-            embeds[rows, width - e.shape[1]:] = e
-            mask[rows, width - m.shape[1]:] = m
+            embeds[block, width - e.shape[1]:] = e
+            mask[block, width - m.shape[1]:] = m
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         bank._set_lora(None)
-        index = {name: torch.tensor(rows, device=embeds.device) for name, rows in groups.items()}
+        index = {name: block.to(embeds.device) for name, block in blocks.items()}
         with per_row_lora(bank._layers, index):
             hidden = bank.vlm.model.language_model(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
@@ -90,7 +92,7 @@ def predict_mixed(bank, obs: dict, names: list[str], binarize_gripper: bool | No
     out = np.zeros((batch, first.chunk_size, first.action_dim), np.float32)
     for name, rows in groups.items():
         policy = policies[name]
-        normalised = policy.head.decode(policy.head(hidden[rows, -policy.head.num_queries:]))
+        normalised = policy.average_views(policy.head.decode(policy.head(hidden[blocks[name], -policy.head.num_queries:])))
         actions = policy.normalizers["actions"].unnormalize(normalised.float().cpu())
         grip = policy.config.gripper_index
         binarize = policy.config.binarize_gripper if binarize_gripper is None else binarize_gripper
