@@ -231,6 +231,7 @@ def collect_and_train(task: str, collect_config, play_config, run, progress: boo
         "demos": collected["episodes_kept"], "demo_frames": collected["frames"],
         "play_scenes": played["episodes_kept"],
         "collect_s": round(collected["seconds"] + played["seconds"], 1), "train_steps": run.train.steps,
+        "test_crops": run.policy.eval_crop_grid ** 2,
         "train_s": result.summary["elapsed_s"], "final_loss": result.summary["final"].get("loss"),
         "bundle": result.summary["bundle"], "loss_curve": str(Path(run.train.output_dir) / "loss_curve.png"),
     }
@@ -273,13 +274,13 @@ def base_recipe(base: str) -> dict | None:
 def format_table(summary: dict) -> str:
     """The demo's one table: how much was trained, on what, how fast, and how well it worked."""
     head = (f"{'task':<10} {'method':<9} {'trainable':>9} {'demos':>5} {'play':>5} {'steps':>5} {'train':>7} "
-            f"{'success':>8} {'95% CI':>14} {'ms/action':>9}")
+            f"{'crops':>5} {'success':>8} {'95% CI':>14} {'ms/action':>9}")
     lines = [head, "-" * len(head)]
     for r in summary["rows"]:
         ci = f"[{100 * r['ci95'][0]:.0f}, {100 * r['ci95'][1]:.0f}]"
         latency = "-" if r["action_latency_ms_p50"] is None else f"{r['action_latency_ms_p50']:.1f}"
         lines.append(f"{r['task']:<10} {r['method']:<9} {r['trainable_percent']:>8.2f}% {r['demos']:>5} {r['play_scenes']:>5} "
-                     f"{r['train_steps']:>5} {r['train_s']:>6.0f}s {100 * r['success_rate']:>7.1f}% {ci:>14} "
+                     f"{r['train_steps']:>5} {r['train_s']:>6.0f}s {r['test_crops']:>5} {100 * r['success_rate']:>7.1f}% {ci:>14} "
                      f"{latency:>9}")
     return "\n".join(lines)
 
@@ -290,7 +291,8 @@ def format_report(summary: dict) -> str:
     return "\n".join([
         format_table(summary),
         f"({summary['eval']['episodes']} closed-loop episodes per task from seed {summary['eval']['seed']}, "
-        f"{summary['swap']}; 95% Wilson intervals; p50 latency per executed action)",
+        f"{summary['swap']}; crops: test-time crops averaged per chunk; 95% Wilson intervals; "
+        "p50 latency per executed action)",
         f"total {summary['total_s'] / 60:.1f} min; base {summary['base']}",
         f"everything is in {out}: demo_summary.json, eval_info.json, videos/, train/<task>/loss_curve.png, "
         "train/<task>/bundle/",
