@@ -232,7 +232,9 @@ def test_crop_grid_flag_changes_the_test_time_crops(tiny_llava_dir, bundles, tmp
         argv = ["eval", "--bundle", str(tta), "--env-id", THIRD_PARTY, "--key-map", json.dumps(KEY_MAP),
                 "--episodes", "2", "--out", str(out), "--no-progress"] + (["--crop-grid", str(grid)] if grid else [])
         assert main(argv) == 0
-        returns[grid] = json.loads((out / "eval_info.json").read_text())["results"]["per_task"][THIRD_PARTY]["mean_return"]
+        info = json.loads((out / "eval_info.json").read_text())
+        returns[grid] = info["results"]["per_task"][THIRD_PARTY]["mean_return"]
+        assert info["config"]["eval_crop_grid"] == (grid or 2)  # recorded beside the results
     assert returns[None] != pytest.approx(returns[1], abs=1e-6)
     argv = ["eval", "--bundle", str(bundles["A"]), "--env-id", THIRD_PARTY, "--key-map", json.dumps(KEY_MAP),
             "--episodes", "1", "--out", str(tmp_path / "bad"), "--no-progress", "--crop-grid", "2"]

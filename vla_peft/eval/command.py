@@ -118,7 +118,8 @@ def run_eval(args: argparse.Namespace) -> int:
         policy = load_bundle(args.bundle, base=args.base)
         set_crop_grid([policy], args.crop_grid)
         info = evaluate([task], lambda _task: policy, config,
-                        described={"bundle": str(args.bundle), "base": policy.config.base})
+                        described={"bundle": str(args.bundle), "base": policy.config.base,
+                                   "eval_crop_grid": policy.config.eval_crop_grid})
     else:
         from vla_peft.serve import AdapterBank
 
@@ -132,7 +133,8 @@ def run_eval(args: argparse.Namespace) -> int:
         set_crop_grid(bank.policies.values(), args.crop_grid)
         info = evaluate(tasks, bank.activate, config,
                         described={"bank": {t: str(p) for t, p in paths.items()}, "mode": args.mode,
-                                   "base": bank.policies[tasks[0]].config.base})
+                                   "base": bank.policies[tasks[0]].config.base,
+                                   "eval_crop_grid": {t: bank.policies[t].config.eval_crop_grid for t in tasks}})
     print(format_table(info))
     print(f"results: {Path(config.out) / 'eval_info.json'}")
     return 0
