@@ -69,8 +69,9 @@ def predict_mixed(bank, obs: dict, names: list[str], binarize_gripper: bool | No
             policy = policies[name]
             sub = {k: ([v[i] for i in rows] if k == "instruction" else np.asarray(v)[rows]) for k, v in obs.items()}
             parts[name] = policy.embed(*policy.observation_inputs(sub))  # eval_views rows per observation
-            blocks[name] = torch.arange(start, start + parts[name][0].shape[0])
-            start += parts[name][0].shape[0]
+            own = parts[name][0]
+            blocks[name] = torch.arange(start, start + len(own), device=own.device)  # its rows in the LM batch
+            start += len(own)
         width = max(embeds.shape[1] for embeds, _, _ in parts.values())
         first_embeds = next(iter(parts.values()))[0]
         embeds = first_embeds.new_zeros(start, width, first_embeds.shape[-1])
@@ -81,8 +82,7 @@ def predict_mixed(bank, obs: dict, names: list[str], binarize_gripper: bool | No
             mask[block, width - m.shape[1]:] = m
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         bank._set_lora(None)
-        index = {name: block.to(embeds.device) for name, block in blocks.items()}
-        with per_row_lora(bank._layers, index):
+        with per_row_lora(bank._layers, blocks):
             hidden = bank.vlm.model.language_model(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
             ).last_hidden_state
