@@ -225,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     pre = sub.add_parser("pretrain-base", help="pretrain the tiny CPU base VLM on simulator scenes (no actions)")
     pre.add_argument("--out", required=True, help="checkpoint directory to write")
-    pre.add_argument("--steps", type=int, default=3000,
-                     help="training steps of 16 images x 4 questions (+48 images for the vision tower) (default: 3000, the shipped base)")
+    pre.add_argument("--steps", type=int, default=4000,
+                     help="training steps of 16 images x 4 questions (+64 images for the vision tower) (default: 4000, the shipped base)")
     pre.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this much training time (default: no limit)")
     pre.add_argument("--seed", type=int, default=0, help="seed of scenes, weights and batches (default: 0)")
     pre.add_argument("--lr", type=float, default=None,

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 BINS = 8  # coordinate bins per image axis
+FINE_BINS = 32  # for `locate` and `instruction`: 2 pixels of a 64-pixel image, about 1.2 cm on the table
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 COLUMNS = ["left", "center", "right"]
 ROWS = ["top", "middle", "bottom"]
@@ -22,6 +23,12 @@ MARGIN = 0.06  # positions closer than this (image fraction) are not compared
 
 def coordinate_bin(x: float, n: int = BINS) -> int:
     return int(np.clip(np.floor(x * n), 0, n - 1))
+
+
+def fine(x: float) -> str:
+    """A coordinate in FINE_BINS bins, as two digit words ("zero seven"): no new vocabulary."""
+    b = coordinate_bin(x, FINE_BINS)
+    return f"{NUMBERS[b // 10]} {NUMBERS[b % 10]}"
 
 
 def _name(o: dict) -> str:
@@ -39,6 +46,16 @@ def where(scene: dict, rng: np.random.Generator) -> tuple[str, str] | None:
         return None
     o = objs[rng.integers(len(objs))]
     return f"where is the {_name(o)}?", f"x {NUMBERS[coordinate_bin(o['u'])]} y {NUMBERS[coordinate_bin(o['v'])]}"
+
+
+def locate(scene: dict, rng: np.random.Generator) -> tuple[str, str] | None:
+    """Name -> fine position (FINE_BINS per axis): the resolution grasping needs."""
+    things = _visible(scene) + ([{"kind": "gripper", "colour": None, **scene["gripper"]}] if scene["gripper"]["visible"] else [])
+    if not things:
+        return None
+    o = things[rng.integers(len(things))]
+    name = "gripper" if o["kind"] == "gripper" else _name(o)
+    return f"where exactly is the {name}?", f"x {fine(o['u'])} y {fine(o['v'])}"
 
 
 def region(scene: dict, rng: np.random.Generator) -> tuple[str, str] | None:
@@ -129,10 +146,11 @@ def instruction(scene: dict, rng: np.random.Generator) -> tuple[str, str] | None
     goal = goals[rng.integers(len(goals))] if goals else None
     text = INSTRUCTIONS[task].format(cube=cube["colour"], pad=goal and goal["colour"], other=goal and goal["colour"])
     # No "x"/"y" words: the first answer word is already the column, so the base must find the
-    # object at the prompt's last token, the one the policy's action queries follow.
-    answer = f"{NUMBERS[coordinate_bin(cube['u'])]} {NUMBERS[coordinate_bin(cube['v'])]}"
+    # object at the prompt's last token, the one the policy's action queries follow. Fine bins:
+    # the policy needs the object to within a few pixels.
+    answer = f"{fine(cube['u'])} {fine(cube['v'])}"
     if goal is not None:
-        answer += f" then {NUMBERS[coordinate_bin(goal['u'])]} {NUMBERS[coordinate_bin(goal['v'])]}"
+        answer += f" then {fine(goal['u'])} {fine(goal['v'])}"
     return ACTION_PROMPT.format(instruction=text), answer
 
 
@@ -146,6 +164,7 @@ def caption(scene: dict, rng: np.random.Generator) -> tuple[str, str] | None:
 
 QUESTION_TYPES: dict[str, Callable[[dict, np.random.Generator], tuple[str, str] | None]] = {
     "where": where,
+    "locate": locate,
     "region": region,
     "exists": exists,
     "colour_of": colour_of,
@@ -160,7 +179,7 @@ QUESTION_TYPES: dict[str, Callable[[dict, np.random.Generator], tuple[str, str] 
 # Sampling weights: first the questions that need one binding and little reading, then all.
 EASY_MIX = {"where": 3, "region": 3, "exists": 2, "count": 1, "gripper_where": 1, "gripper_open": 1, "instruction": 2}
 FULL_MIX = {
-    "where": 4, "region": 1, "exists": 1, "colour_of": 2, "relation": 2,
+    "where": 2, "locate": 3, "region": 1, "exists": 1, "colour_of": 2, "relation": 2,
     "count": 0.5, "gripper_where": 1, "gripper_open": 0.5, "caption": 1, "instruction": 3,
 }
 

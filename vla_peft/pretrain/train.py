@@ -2,8 +2,9 @@
 
 The whole recipe reads top to bottom: render scenes, fit the per-pixel input normalisation,
 then train every weight of a fresh tiny LLaVA on questions drawn per step (easy mix first,
-full mix after) with the scene code (scene_code.py) as the image tokens' target, save a
-normal transformers checkpoint, and score it on held-out scenes.
+full mix after) with two targets for the image tokens — the scene code (scene_code.py) and
+the locator (locator.py: where each named thing is, precisely) — save a normal
+transformers checkpoint, and score it on held-out scenes.
 Batches are a pure function of (seed, step), so a resumed run sees the same data as an
 uninterrupted one.
 """
@@ -27,6 +28,7 @@ from tqdm import tqdm
 from vla_peft.models.image_norm import ImageNorm, load_image_norm, save_image_norm
 from vla_peft.models.processor import save_processor
 from vla_peft.models.tiny import TinyLlavaSpec, build_tiny_llava
+from vla_peft.pretrain.locator import Locator
 from vla_peft.pretrain.questions import EASY_MIX, FULL_MIX, QUESTION_TYPES, ask
 from vla_peft.pretrain.scene_code import codebook, scene_code
 from vla_peft.pretrain.scenes import CAMERAS, SceneSet, render_scenes
@@ -40,7 +42,7 @@ RECIPE_FILE = "pretrain_recipe.json"
 class PretrainConfig:
     """Everything that decides the result; written beside the checkpoint."""
 
-    steps: int = 3000
+    steps: int = 4000
     seed: int = 0
     batch_size: int = 16  # images per step
     turns: int = 4  # questions per image (multi-turn), so 64 answers per step
@@ -49,10 +51,12 @@ class PretrainConfig:
     warmup: int = 100
     code_weight: float = 1.0  # weight of the image-token loss (scene_code.py) that teaches the vision tower
     code_fraction: float = 0.4  # share of steps in which the LM reads the scene code instead of the vision tower
-    code_images: int = 48  # extra images per step that train only the vision side (no LM pass: cheap)
+    code_images: int = 64  # extra images per step that train only the vision side (no LM pass: cheap)
+    locator_weight: float = 1.0  # weight of the locator loss (locator.py), in tenths of the image
     weight_decay: float = 0.01
     easy_fraction: float = 0.2  # share of steps drawn from the easy question mix
-    train_images: int = 8000
+    train_images: int = 80000
+    posed_fraction: float = 0.9  # share of episodes that are one posed scene (scenes.py): more distinct layouts
     eval_images: int = 800
     eval_per_type: int = 150
     pos_embed_scale: float = 10.0  # louder position embeddings at init, so patches know where they are
@@ -248,13 +252,13 @@ def _config_dict(cfg: PretrainConfig) -> dict:
     return asdict(cfg)
 
 
-def _scenes(path: Path, n: int, seed: int, size: int) -> SceneSet:
+def _scenes(path: Path, n: int, seed: int, size: int, posed_fraction: float) -> SceneSet:
     """Rendered once per output dir and cached there, so a resume does not render again."""
     if path.is_file():
         scenes = SceneSet.load(path)
         if len(scenes) == n and scenes.images.shape[1] == size:
             return scenes
-    scenes = render_scenes(n, seed=seed, image_size=size)
+    scenes = render_scenes(n, seed=seed, image_size=size, posed_fraction=posed_fraction)
     scenes.save(path)
     return scenes
 
@@ -283,8 +287,10 @@ def pretrain(
     state_dir.mkdir(parents=True, exist_ok=True)
 
     spec = cfg.spec
-    train = _scenes(state_dir / "scenes_train.safetensors", cfg.train_images, cfg.seed, spec.image_size)
-    held_out = _scenes(state_dir / "scenes_eval.safetensors", cfg.eval_images, cfg.seed + 1_000_003, spec.image_size)
+    train = _scenes(state_dir / "scenes_train.safetensors", cfg.train_images, cfg.seed, spec.image_size, cfg.posed_fraction)
+    held_out = _scenes(
+        state_dir / "scenes_eval.safetensors", cfg.eval_images, cfg.seed + 1_000_003, spec.image_size, cfg.posed_fraction
+    )
     norm = fit_image_norm(train)
 
     model, tokenizer = build_tiny_llava(cfg.seed, spec)
@@ -297,22 +303,25 @@ def pretrain(
     hook = model.model.multi_modal_projector.register_forward_hook(
         lambda m, i, o: tokens.update(vision=o) or tokens.get("replace")
     )
-    model.train()
-    model.requires_grad_(True)
+    torch.manual_seed(cfg.seed)
+    # Everything trained, in one module so that resume files hold it all; only `vlm` is shipped.
+    trained = torch.nn.ModuleDict({"vlm": model, "locator": Locator(spec.text_hidden)})
+    trained.train()
+    trained.requires_grad_(True)
     groups = []
     for vision_side in (True, False):
         for decays in (True, False):
             params = [
                 p
-                for n, p in model.named_parameters()
-                if n.startswith(("model.vision_tower", "model.multi_modal_projector")) == vision_side
+                for n, p in trained.named_parameters()
+                if n.startswith(("vlm.model.vision_tower", "vlm.model.multi_modal_projector", "locator")) == vision_side
                 and (p.ndim >= 2 and "embed" not in n) == decays
             ]
             groups.append({"params": params, "weight_decay": cfg.weight_decay if decays else 0.0, "vision": vision_side})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     start = 0
     if resume and state_file.is_file():
-        start, saved = _load_state(state_file, model, optimizer)
+        start, saved = _load_state(state_file, trained, optimizer)
         # More --steps may extend a finished run (the cosine then follows the new total);
         # anything else must match, or the result would belong to no recipe.
         if {**saved, "steps": cfg.steps} != _config_dict(cfg) or cfg.steps < start:
@@ -324,6 +333,7 @@ def pretrain(
     began = time.monotonic()
     losses: list[float] = []
     code_losses: list[float] = []
+    locator_losses: list[float] = []
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="pretraining", unit="step")
     step = start
     for step in bar:
@@ -344,17 +354,21 @@ def pretrain(
         target = torch.cat([target, scene_code([train.annotations[i] for i in extra], grid, code)])
         # relative squared error: 1.0 is what all-zero image tokens would score
         code_loss = (vision - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-6)
-        (loss + cfg.code_weight * code_loss).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        seen = [train.annotations[i] for i, _ in conversations] + [train.annotations[i] for i in extra]
+        locator_loss = trained["locator"].loss(vision, seen)
+        (loss + cfg.code_weight * code_loss + cfg.locator_weight * locator_loss).backward()
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         code_losses.append(code_loss.item())
+        locator_losses.append(locator_loss.item())
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", code=f"{np.mean(code_losses[-50:]):.4f}")
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", code=f"{np.mean(code_losses[-50:]):.4f}",
+                            locator=f"{np.mean(locator_losses[-50:]):.4f}")
         out_of_time = minutes is not None and time.monotonic() - began > 60 * minutes
         if (step + 1) % 200 == 0 or out_of_time:
-            _save_state(state_file, model, optimizer, step + 1, cfg)
+            _save_state(state_file, trained, optimizer, step + 1, cfg)
         if out_of_time:
             step += 1
             break
@@ -362,7 +376,7 @@ def pretrain(
         step = cfg.steps
     bar.close()
     seconds = time.monotonic() - began
-    _save_state(state_file, model, optimizer, step, cfg)
+    _save_state(state_file, trained, optimizer, step, cfg)
     tokens["replace"] = None
     hook.remove()
     model.eval()
@@ -376,6 +390,7 @@ def pretrain(
         "initial_loss": float(np.mean(losses[: max(1, min(10, len(losses) // 4))])) if losses else None,
         "final_loss": float(np.mean(losses[-max(1, min(50, len(losses) // 4)) :])) if losses else None,
         "final_code_loss": float(np.mean(code_losses[-max(1, min(50, len(code_losses) // 4)) :])) if code_losses else None,
+        "final_locator_loss": float(np.mean(locator_losses[-max(1, min(50, len(locator_losses) // 4)) :])) if locator_losses else None,
         "held_out": evaluate(model, held_out, norm, qat, cfg.eval_per_type, seed=cfg.seed + 7),
     }
     _atomic_json(out / EVAL_FILE, report)
