@@ -2,8 +2,9 @@
 
 Judges a base before any policy is trained. Frames come from the scripted experts' own
 episodes of every task (what a policy sees: arm in view, cubes pushed, lifted, held), both
-cameras, on seeds no pretraining uses; the probe trains on one set of episodes and is scored
-on others. Two readers of the frozen base, each with a small probe trained here:
+cameras, on seeds no pretraining uses; the probe trains on other episodes plus posed scenes
+(many layouts, cheap to render: a probe that sees few layouts measures itself, not the base)
+and is scored on held-out episodes. Two readers of the frozen base, each with a small probe trained here:
   image  - the projected image tokens (what the language model reads): the object's name
            attends over them, an MLP regresses its table (x, y);
   prompt - the language model's last hidden state after "USER: <image> where is the <name>?
@@ -12,10 +13,10 @@ Both probes also get the grasp point (x, y, z), which the policy has as state (t
 camera rides on the gripper). The figure is the RMS distance in cm on the table between the
 probe's (x, y) and the truth; "mean" is predicting each name's mean position.
 
-    vla-peft bench perception [--base PATH ...] [--episodes 240] [--threads 2]
+    vla-peft bench perception [--bases shipped random PATH ...] [--episodes 240] [--threads 2]
 
 Rows: the shipped base, a randomly initialised base of the same shape (given the shipped
-base's input normalisation) and every --base. A few minutes on 2 CPU cores.
+base's input normalisation) and any checkpoint directory. A few minutes on 2 idle CPU cores.
 """
 
 from __future__ import annotations
@@ -38,10 +39,14 @@ from vla_peft.pretrain.train import QATokenizer
 TASKS = ("Reach", "Push", "PickPlace", "Stack")
 
 
-def frames(episodes: int, seed: int, size: int) -> SceneSet:
-    """Frames of the experts' own episodes (no noise, no dashes): 6 snapshots of each, both cameras."""
-    return render_scenes(episodes * 6 * len(CAMERAS), seed=seed, image_size=size, snapshots_per_episode=6,
-                         action_noise=0.0, dash_fraction=0.0, progress=False)
+def frames(episodes: int, seed: int, size: int, posed: int = 0) -> SceneSet:
+    """Frames of the experts' own episodes (no noise, no dashes): 6 snapshots of each, both cameras;
+    then ``posed`` posed scenes (scenes.py)."""
+    sets = [render_scenes(episodes * 6 * len(CAMERAS), seed=seed, image_size=size, snapshots_per_episode=6,
+                          action_noise=0.0, dash_fraction=0.0, progress=False)]
+    if posed:
+        sets.append(render_scenes(posed, seed=seed + 1, image_size=size, posed_fraction=1.0, progress=False))
+    return SceneSet(images=torch.cat([s.images for s in sets]), annotations=[a for s in sets for a in s.annotations])
 
 
 def samples(scenes: SceneSet, camera: str) -> list[tuple[int, int, str, np.ndarray]]:
@@ -146,29 +151,33 @@ def build_random(like):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", action="append", default=[], help="another base checkpoint to probe (repeatable)")
+    parser.add_argument("--bases", nargs="+", default=["shipped", "random"],
+                        help="rows: 'shipped', 'random' (the shipped shape, random weights) or checkpoint directories")
     parser.add_argument("--episodes", type=int, default=240, help="probe-training episodes (test: a quarter as many)")
+    parser.add_argument("--posed", type=int, default=8000, help="posed scenes added to the probe's training set")
     parser.add_argument("--steps", type=int, default=1500, help="probe training steps")
-    parser.add_argument("--no-random", action="store_true", help="skip the random-base row")
+    parser.add_argument("--cameras", nargs="+", default=list(CAMERAS), choices=CAMERAS)
+    parser.add_argument("--readers", nargs="+", default=["image", "prompt"], choices=["image", "prompt"])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
 
-    shipped, processor = load_vlm(SHIPPED)
-    rows = [("shipped", shipped, processor, load_image_norm(SHIPPED))]
-    if not args.no_random:
-        rows.append(("random", build_random(shipped), processor, rows[0][3]))
-    for path in args.base:
+    rows = []
+    for name in args.bases:
+        path = SHIPPED if name in ("shipped", "random") else name
         model, proc = load_vlm(path)
-        rows.append((path, model, proc, load_image_norm(path)))
+        norm = load_image_norm(path)
+        if norm is None:
+            raise SystemExit(f"{name} has no image_norm.safetensors: probe a `vla-peft pretrain-base` checkpoint")
+        rows.append((name, build_random(model) if name == "random" else model, proc, norm))
 
     began = time.perf_counter()
     sets = {}
     for size in sorted({m.config.vision_config.image_size for _, m, _, _ in rows}):
-        sets[size] = (frames(args.episodes, 900_001, size), frames(max(8, args.episodes // 4), 900_002, size))
-    print(f"rendered probe frames in {time.perf_counter() - began:.0f} s "
-          f"({args.episodes} train / {max(8, args.episodes // 4)} test expert episodes, 6 snapshots each, {len(CAMERAS)} cameras)")
+        sets[size] = (frames(args.episodes, 900_001, size, args.posed), frames(max(8, args.episodes // 4), 900_003, size))
+    print(f"rendered probe frames in {time.perf_counter() - began:.0f} s (train: {args.episodes} expert episodes "
+          f"+ {args.posed} posed images; test: {max(8, args.episodes // 4)} other expert episodes; 6 snapshots each, both cameras)")
 
     header = f"{'base':<28} {'reader':<7} {'camera':<10} " + " ".join(f"{t:>9}" for t in TASKS) + f" {'all cubes':>9} {'pads':>6}"
     print("\nnamed object's table (x, y) from frozen features: RMS error in cm on held-out expert episodes")
@@ -179,21 +188,22 @@ def main() -> None:
         train_set, test_set = sets[model.config.vision_config.image_size]
         qat = QATokenizer(proc.tokenizer, model.config.image_seq_length)
         tokens = {which: image_tokens(model, s, norm) for which, s in (("train", train_set), ("test", test_set))}
-        for camera in CAMERAS:
+        for camera in args.cameras:
             data = {}
             for which, s in (("train", train_set), ("test", test_set)):
                 rs = samples(s, camera)
                 names = torch.tensor([r[1] for r in rs])
                 ee = torch.tensor(np.array([[s.annotations[r[0]]["gripper"][k] for k in "xyz"] for r in rs]), dtype=torch.float32)
                 xy = torch.tensor(np.array([r[3] for r in rs]), dtype=torch.float32)
-                data[which] = (rs, names, ee, xy, tokens[which][[r[0] for r in rs]], prompt_states(model, qat, s, norm, rs))
+                states = prompt_states(model, qat, s, norm, rs) if "prompt" in args.readers else None
+                data[which] = (rs, names, ee, xy, tokens[which][[r[0] for r in rs]], states)
             tasks = np.array([test_set.annotations[r[0]]["task"] for r in data["test"][0]])
             is_cube = data["test"][1] < GRIPPER // 2
             if not mean_printed:  # the baseline depends on the frames only
                 means = {int(n): data["train"][3][data["train"][1] == n].mean(0) for n in data["train"][1].unique()}
                 err = torch.stack([data["test"][3][k] - means.get(int(n), data["train"][3].mean(0)) for k, n in enumerate(data["test"][1])])
                 _print_row("(predict the mean)", "-", camera, err.norm(dim=-1).numpy() * 100, tasks, is_cube.numpy())
-            for reader, feats_at, attend in (("image", 4, True), ("prompt", 5, False)):
+            for reader, feats_at, attend in [r for r in (("image", 4, True), ("prompt", 5, False)) if r[0] in args.readers]:
                 train = (data["train"][feats_at], data["train"][1], data["train"][2], data["train"][3])
                 test = (data["test"][feats_at], data["test"][1], data["test"][2], data["test"][3])
                 errors = fit_probe(train, test, attend, args.steps, seed=0)
