@@ -114,7 +114,8 @@ def _check_state(obs: Mapping, key: str, config: PolicyConfig, batch: int, singl
     elif value.ndim < 1 or len(value) != batch:
         raise ObservationError(f"observation {key!r}: shape {value.shape} does not hold one vector per row of a "
                                f"batch of {batch}; give (B, n)")
-    value = value.reshape(batch, -1).astype(np.float32)  # what the model reads: finite here, finite there
+    with np.errstate(over="ignore", invalid="ignore"):  # 1e300 becomes inf here, and is refused below
+        value = value.reshape(batch, -1).astype(np.float32)  # what the model reads
     if not np.isfinite(value).all():
         raise ObservationError(f"observation {key!r}: holds NaN or infinity (as float32, whose range ends near "
                                "3.4e38); send the finite state the robot measured")
