@@ -102,3 +102,10 @@ def test_a_bundle_json_that_is_not_an_object_or_lacks_its_parts_is_named(tiny_ll
         (bundle / "bundle.json").write_text(json.dumps(broken))
         with pytest.raises(BundleFileError, match=rf"bundle.json is damaged.*{words}"):
             load_bundle(bundle, vlm=policy.vlm, processor=policy.processor)
+
+
+def test_the_prompt_cache_stays_bounded_whatever_clients_send(policy, monkeypatch):
+    monkeypatch.setattr("vla_peft.policy.policy.PROMPT_CACHE_SIZE", 3)
+    for i in range(7):
+        policy.predict_chunk(obs(instruction=f"reach the cube {i}"))
+    assert 0 < len(policy._prompt_ids) <= 3

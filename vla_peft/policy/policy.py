@@ -29,6 +29,7 @@ from vla_peft.policy.image import PixelNormalizer, check_size
 from vla_peft.policy.observation import MAX_INSTRUCTION_CHARS, check_actions, check_observation
 from vla_peft.policy.peft_link import inject_method
 
+PROMPT_CACHE_SIZE = 4096  # tokenised prompts kept (a task has a handful of instructions)
 AUX_RANGE = 3.0  # aux targets are clamped to [-3, 3] normalised (mean/std) units
 
 
@@ -147,6 +148,8 @@ class VLAPolicy(nn.Module):
             expanded = []
             for i in ids:
                 expanded.extend([i] * num_image_tokens if i == self.image_token_id else [i])
+            if len(self._prompt_ids) >= PROMPT_CACHE_SIZE:  # a server's clients may send endless distinct texts
+                self._prompt_ids.clear()
             self._prompt_ids[key] = expanded
         return self._prompt_ids[key]
 
