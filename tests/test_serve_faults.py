@@ -24,7 +24,8 @@ from PIL import Image
 from eval_synth import one_torch_thread
 from serve_synth import (LOOPBACK, TASKS, free_port, observation, serving, start_subprocess, stop_subprocess,
                          threaded_server, write_bank)
-from vla_peft.cli import main
+from vla_peft.cli import build_parser, main
+from vla_peft.policy.observation import MAX_INSTRUCTION_CHARS
 from vla_peft.serve import wire
 from vla_peft.serve.batcher import TaskBatcher
 from vla_peft.serve.client import PolicyClient
@@ -343,6 +344,11 @@ def test_port_in_use_is_refused_before_announcing(bank_dir, capsys):
     out, err = capsys.readouterr()
     assert "serving" not in out
     assert f"cannot serve on 127.0.0.1:{port}" in err and "pass another --port" in err
+
+
+def test_the_servers_instruction_limit_defaults_to_predict_chunks():
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    assert serve.get_default("max_instruction_chars") == MAX_INSTRUCTION_CHARS
 
 
 @pytest.mark.slow

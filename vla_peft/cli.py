@@ -132,7 +132,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Load the base once and every task bundle under --bank, then serve actions until SIGINT/SIGTERM."""
     import os
 
-    from vla_peft.serve.server import bind, is_loopback, load_bank, run_server
+    from vla_peft.serve.server import bind, find_bundles, is_loopback, load_bank, run_server
 
     token = args.token or os.environ.get("VLA_PEFT_SERVE_TOKEN") or None
     if args.threads:
@@ -142,6 +142,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not is_loopback(args.host) and not token:  # refuse before the (slow) model load
         raise ValueError(f"--host {args.host} exposes the robot policy beyond this machine; set a shared token "
                          "(--token or VLA_PEFT_SERVE_TOKEN) or bind to 127.0.0.1")
+    find_bundles(args.bank)  # a wrong folder is named before anything else
     sock = bind(args.host, args.port)  # a port in use is reported now, before the load and the announcement
     try:
         bank = load_bank(args.bank, base=args.base, mode=args.mode)
