@@ -5,8 +5,9 @@ Each head reads K query states made by a small MLP from the true state (the gras
 named cube's position, ``target_pos``), so perception is out of the comparison (as in the notes'
 behaviour cloning on true positions). It is trained on the scripted expert's ReachSide episodes
 (seeds 200000...), then run closed loop on fresh seeds (1000...), executing 4 of each chunk of 8.
-The table gives success, and where the episodes end: at the nearest side goal (success) or over
-the cube itself (between the goals: the average of the two modes).
+The table gives success, the share of episodes that end on the left (the expert's: half), and where
+the episodes end: at the nearest side goal (success) or over the cube itself (between the goals: the
+average of the two modes).
 
     PYTHONPATH=. python bench/heads_multimodal.py [--demos 200] [--steps 1500] [--episodes 50] [--threads 1]
 """
@@ -89,7 +90,7 @@ def train(policy: StatePolicy, data, steps: int) -> float:
 def rollouts(policy: StatePolicy, episodes: int, seed: int) -> dict[str, float]:
     env = gym.make("vla_peft/ReachSide-v0", render_images=False, terminate_on_success=True)
     base = env.unwrapped
-    wins, to_goal, to_cube = 0, [], []
+    wins, to_goal, to_cube, left = 0, [], [], 0
     for episode in range(episodes):
         obs, info = env.reset(seed=seed + episode)
         done, queue = False, []
@@ -100,10 +101,13 @@ def rollouts(policy: StatePolicy, episodes: int, seed: int) -> dict[str, float]:
             obs, _, terminated, truncated, info = env.step(queue.pop(0))
             done = terminated or truncated
         wins += bool(info["is_success"])
-        to_goal.append(np.min(np.linalg.norm(base.side_goals() - base.ee_pos, axis=1)))
+        distances = np.linalg.norm(base.side_goals() - base.ee_pos, axis=1)
+        to_goal.append(distances.min())
+        left += bool(distances[0] < distances[1])
         to_cube.append(np.linalg.norm((base.ee_pos - base.cube_pos(0))[:2]))
     env.close()
-    return {"success": wins / episodes, "goal_cm": 100 * float(np.mean(to_goal)), "cube_cm": 100 * float(np.mean(to_cube))}
+    return {"success": wins / episodes, "goal_cm": 100 * float(np.mean(to_goal)), "cube_cm": 100 * float(np.mean(to_cube)),
+            "left": left / episodes}
 
 
 def main() -> None:
@@ -126,9 +130,11 @@ def main() -> None:
         rows[name] = {**rollouts(policy, args.episodes, seed=1000), "train_s": seconds}
     print(f"\nReachSide (bimodal: left or right of the cube), true-state inputs, {len(data[0])} frames of "
           f"{args.demos} demos, {args.steps} steps, {args.episodes} fresh seeds from 1000")
-    print(f"{'':<18} {'success':>8} {'end to nearest goal cm':>23} {'end to cube (x, y) cm':>22} {'train s':>8}")
+    print(f"{'':<18} {'success':>8} {'ends left':>10} {'end to nearest goal cm':>23} {'end to cube (x, y) cm':>22} "
+          f"{'train s':>8}")
     for name, r in rows.items():
-        print(f"{name:<18} {r['success']:>8.0%} {r['goal_cm']:>23.1f} {r['cube_cm']:>22.1f} {r['train_s']:>8.0f}")
+        print(f"{name:<18} {r['success']:>8.0%} {r['left']:>10.0%} {r['goal_cm']:>23.1f} {r['cube_cm']:>22.1f} "
+              f"{r['train_s']:>8.0f}")
 
 
 if __name__ == "__main__":
