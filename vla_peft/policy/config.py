@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from vla_peft.models.tiny import ACTION_PROMPT
 
-HEADS = ("continuous", "discrete")
+HEADS = ("continuous", "discrete", "flow")
 
 
 @dataclass
@@ -38,8 +38,11 @@ class PolicyConfig:
     execute_steps: int = 4              # n of the K actions executed before re-planning
     temporal_ensemble: float = 0.0      # > 0: re-plan every step and average overlapping chunks (ACT's m)
     head: str = "continuous"
-    head_width: int = 256
+    head_width: int = 256               # the MLP's width (continuous, aux), the action expert's width (flow)
     n_bins: int = 256
+    flow_steps: int = 10                # flow head: Euler steps per chunk (expert passes; the VLM runs once)
+    flow_layers: int = 2                # flow head: transformer blocks in the action expert
+    flow_seed: int = 0                  # flow head: seed of the starting noise (one draw, shared by every call)
     center_crop: float = 1.0            # kept area fraction of the evaluation centre crop (the data's crop_scale when augmenting)
     # Test-time augmentation: average each predicted chunk over the evaluation crop at n x n places
     # (n*n forward rows per observation; needs center_crop < 1). Measured on Reach: 74 % -> 88 % with 4.
@@ -54,6 +57,8 @@ class PolicyConfig:
             (self.head in HEADS, "head", f"use one of {HEADS}"),
             (0 < self.center_crop <= 1, "center_crop", "use a fraction in (0, 1]; 1 means no crop"),
             (self.eval_crop_grid >= 1, "eval_crop_grid", "use 1 (the centre crop only) or n > 1 for n x n crops"),
+            (self.flow_steps > 0, "flow_steps", "use a positive number of Euler steps such as 10"),
+            (self.flow_layers > 0, "flow_layers", "use a positive number of expert blocks such as 2"),
             (self.chunk_size > 0, "chunk_size", "use a positive integer such as 8"),
             (0 < self.execute_steps <= self.chunk_size, "execute_steps", f"use 1..chunk_size ({self.chunk_size})"),
             (self.action_dim > 0, "action_dim", "use the dataset's action dimension"),

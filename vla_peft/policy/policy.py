@@ -24,6 +24,7 @@ from vla_peft.data.augment import ImageAugment, to_float_chw
 from vla_peft.data.stats import Normalizer
 from vla_peft.policy.action_queue import ActionQueues
 from vla_peft.policy.config import PolicyConfig
+from vla_peft.policy.flow import FlowHead
 from vla_peft.policy.heads import ContinuousHead, DiscreteHead
 from vla_peft.policy.image import PixelNormalizer, check_size
 from vla_peft.policy.observation import MAX_INSTRUCTION_CHARS, check_actions, check_observation
@@ -56,6 +57,9 @@ class VLAPolicy(nn.Module):
 
         if config.head == "continuous":
             self.head = ContinuousHead(hidden, config.action_dim, config.chunk_size, config.head_width)
+        elif config.head == "flow":
+            self.head = FlowHead(hidden, config.action_dim, config.chunk_size, config.head_width, config.flow_layers,
+                                 config.flow_steps, config.flow_seed)
         else:
             self.head = DiscreteHead(vlm.get_output_embeddings(), len(self.tokenizer), self.tokenizer.all_special_ids,
                                      config.action_dim, config.chunk_size, config.n_bins)
@@ -235,7 +239,7 @@ class VLAPolicy(nn.Module):
         return hidden[:, -self.head.num_queries:]
 
     def head_output(self, images: torch.Tensor, state: torch.Tensor, instructions: list[str]) -> torch.Tensor:
-        """The head's raw output (normalised actions, or bin logits)."""
+        """The head's raw output (normalised actions, bin logits, or the flow expert's conditioning)."""
         return self.head(self.query_hidden(images, state, instructions))
 
     # ------------------------------------------------------------------ training
