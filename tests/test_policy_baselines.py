@@ -53,8 +53,7 @@ def test_random_base_has_the_shipped_shape_and_inputs_but_not_its_weights(tmp_pa
     out = bench.save_random_base(SHIPPED, tmp_path / "random")
     shipped, random = load_file(SHIPPED / "model.safetensors"), load_file(out / "model.safetensors")
     assert {k: v.shape for k, v in shipped.items()} == {k: v.shape for k, v in random.items()}
-    assert not torch.equal(shipped["model.multi_modal_projector.linear_1.weight"],
-                           random["model.multi_modal_projector.linear_1.weight"])
+    assert not any(torch.equal(shipped[k], random[k]) for k in shipped if shipped[k].ndim == 2)
     assert (out / "image_norm.safetensors").read_bytes() == (SHIPPED / "image_norm.safetensors").read_bytes()
     assert (out / "tokenizer.json").is_file() and not (out / "pretrain_recipe.json").exists()
 
@@ -67,8 +66,9 @@ def test_bench_prints_one_row_per_policy_at_a_toy_budget(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "collecting: vla-peft collect --task Push --episodes 3" in printed  # the file was missing
     assert [r["row"] for r in rows] == ["MLP, privileged state", "CNN, from scratch", "LoRA, random base"]
-    table = printed[printed.index("row "):].splitlines()
-    assert [line.split(",")[0] for line in table[2:5]] == ["MLP", "CNN", "LoRA"]
+    lines = printed.splitlines()
+    table = lines[max(i for i, line in enumerate(lines) if line.startswith("row ")):]
+    assert [line.split(",")[0] for line in table[2:5]] == ["MLP", "CNN", "LoRA"] and table[5].startswith("(2 closed")
     for row in rows:
         assert row["episodes"] == 2 and row["steps"] >= 1 and row["chunk_ms"] > 0
         assert 0 <= row["ci95"][0] <= row["success_rate"] <= row["ci95"][1] <= 1
