@@ -170,7 +170,9 @@ def lora_run_config(args, base: Path, demos: Path, out: Path, steps: int, log_ev
     from vla_peft.demo import DEFAULT_METHOD, load_task_settings
     from vla_peft.train.config import load_run_config
 
-    fixed = [f"policy.base={base}", f"data.paths=[{demos}]", f"train.output_dir={out}", f"train.steps={steps}",
+    quoted = json.dumps  # YAML reads JSON: paths with any characters stay strings
+    fixed = [f"policy.base={quoted(str(base))}", f"data.paths={quoted([str(demos)])}",
+             f"train.output_dir={quoted(str(out))}", f"train.steps={steps}",
              f"train.seed={args.seed}", f"train.threads={args.threads}", f"train.save_every={steps}",
              f"train.eval_every={steps}", f"train.log_every={log_every}", "train.keep_last=1"]
     if args.config:
@@ -243,10 +245,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--config", default=None, help="a configs/train/*.yaml for the LoRA rows (default: the task's demo settings)")
     parser.add_argument("--out", type=Path, default=Path("runs/policy_baselines"),
                         help="demos, LoRA runs and eval files go here (default: runs/policy_baselines)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value for the LoRA rows' run config")
+    parser.add_argument("overrides", nargs="*",
+                        help="section.key=value for the LoRA rows' run config (before --rows, which takes a list)")
     args = parser.parse_args(argv)
     if args.minutes <= 0 or args.episodes < 1:
         parser.error("--minutes must be > 0 and --episodes >= 1")
+    bases = args.base or [str(SHIPPED)]
+    for base in bases if "lora" in args.rows else []:  # checked before any row trains
+        if base != "random" and not (Path(base) / "config.json").is_file():
+            parser.error(f"--base {base}: no checkpoint there (no config.json); give a base directory or 'random'")
+    if args.config and not Path(args.config).is_file():
+        parser.error(f"--config {args.config}: no such file; the built-in run configs are in configs/train/")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     run_dir = args.out / time.strftime("%Y%m%d-%H%M%S")
@@ -268,7 +277,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      "seconds": seconds, **result})
         print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     if "lora" in args.rows:
-        for i, base in enumerate(args.base or [str(SHIPPED)]):
+        for i, base in enumerate(bases):
             label = base_label(base)
             out = run_dir / f"lora_{i}_{label}"
             path = save_random_base(SHIPPED, out / "random_base", args.seed) if base == "random" else Path(base)
