@@ -110,3 +110,25 @@ def test_resume_may_raise_steps_and_change_bookkeeping(tiny_llava_dir, demos, st
     result = train(run_config(tiny_llava_dir, demos, stopped_at_3, steps=7, log_every=2, keep_last=1),
                    resume=True, progress=False)
     assert result.summary["resumed_from"] == 3 and result.summary["steps"] == 7
+
+
+def test_augmentation_follows_the_sampler_not_the_global_rng_or_the_workers(demos):
+    """The crops of global batch s are the same from step 0 or resumed at s, in the main process or in
+    DataLoader workers, whatever torch's global RNG holds."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from vla_peft.data import DataConfig, DemoDataset
+    from vla_peft.train.sampler import StepBatchSampler
+
+    dataset = DemoDataset(DataConfig(paths=[str(demos)], augment=True, crop_scale=0.64))
+
+    def images(start, workers, global_seed):
+        torch.manual_seed(global_seed)
+        sampler = StepBatchSampler(len(dataset), 4, seed=0, start_step=start, total_steps=4)
+        return [b["images"] for b in DataLoader(dataset, batch_sampler=sampler, num_workers=workers)][-1]
+
+    reference = images(0, 0, 0)
+    for start, workers, global_seed in [(3, 0, 1), (2, 2, 2)]:
+        assert torch.equal(images(start, workers, global_seed), reference)
+    assert not torch.equal(dataset[(0, 1)]["images"], dataset[(0, 2)]["images"])  # the draw seed does draw
