@@ -132,3 +132,18 @@ def test_augmentation_follows_the_sampler_not_the_global_rng_or_the_workers(demo
     for start, workers, global_seed in [(3, 0, 1), (2, 2, 2)]:
         assert torch.equal(images(start, workers, global_seed), reference)
     assert not torch.equal(dataset[(0, 1)]["images"], dataset[(0, 2)]["images"])  # the draw seed does draw
+
+
+def test_runs_are_written_and_resumed_without_pickle(tiny_llava_dir, demos, stopped_at_3, monkeypatch):
+    """Checkpoints, bundle and logs are safetensors, JSON and a PNG; resuming never unpickles."""
+    import pickle
+
+    import torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling during resume")
+    for owner, name in [(torch, "load"), (pickle, "load"), (pickle, "loads")]:
+        monkeypatch.setattr(owner, name, refuse)
+    train(run_config(tiny_llava_dir, demos, stopped_at_3), resume=True, progress=False)
+    suffixes = {p.suffix for p in stopped_at_3.rglob("*") if p.is_file()}
+    assert suffixes <= {".safetensors", ".json", ".jsonl", ".png"}, suffixes
