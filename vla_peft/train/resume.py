@@ -61,5 +61,5 @@ def check_resumable(stored: dict | None, requested: dict, step: int, checkpoint:
     differ = [key for key in sorted(set(old) | set(new)) if key not in BOOKKEEPING and old.get(key) != new.get(key)]
     if differ:
         changes = ", ".join(f"{key} ({old.get(key)!r} -> {new.get(key)!r})" for key in differ)
-        raise ValueError(f"--resume: {changes} differ from the run in {checkpoint}; resume with its settings, "
-                         "or choose another train.output_dir for a new run")
+        raise ValueError(f"--resume: this config changes {changes} of the run in {checkpoint}; resume with the "
+                         "run's settings, or choose another train.output_dir for a new run")
