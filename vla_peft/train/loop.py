@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,7 +142,7 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True) -> TrainR
     main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(run.to_dict(), indent=2))
+        write_json_atomic(out / "config.json", run.to_dict())
         log = MetricsLog(out / "metrics.jsonl", resume_step=start if resume else None,
                          tensorboard_dir=out / "tensorboard" if cfg.tensorboard else None)
     trainable = sum(p.numel() for p in named.values())
@@ -216,9 +217,16 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True) -> TrainR
             "final": {k: v for k, v in last.items() if k != "step"}, "validation": vals[-1] if vals else None,
             "bundle": str(out / "bundle"),
         }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json_atomic(out / "summary.json", summary)
     accelerator.wait_for_everyone()
     return TrainResult(policy, summary)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """A kill mid-write leaves the old file (or none), never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
 
 
 @torch.no_grad()
