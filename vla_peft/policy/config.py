@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 
 from vla_peft.models.tiny import ACTION_PROMPT
+from vla_peft.typed_config import build_config, check_values
 
 HEADS = ("continuous", "discrete", "flow")
 
@@ -52,7 +52,7 @@ class PolicyConfig:
     prompt: str = ACTION_PROMPT
 
     def __post_init__(self) -> None:
-        self.cameras, self.state_keys, self.aux_keys = list(self.cameras), list(self.state_keys), list(self.aux_keys)
+        vars(self).update(check_values(PolicyConfig, dict(vars(self)), "policy"))
         checks = [
             (self.head in HEADS, "head", f"use one of {HEADS}"),
             (0 < self.center_crop <= 1, "center_crop", "use a fraction in (0, 1]; 1 means no crop"),
@@ -70,9 +70,9 @@ class PolicyConfig:
         ]
         for ok, name, fix in checks:
             if not ok:
-                raise ValueError(f"policy config: {name}={getattr(self, name)!r} is invalid: {fix}")
+                raise ValueError(f"policy.{name}={getattr(self, name)!r} is invalid: {fix}")
         if self.gripper_dim is not None and not -self.action_dim <= self.gripper_dim < self.action_dim:
-            raise ValueError(f"policy config: gripper_dim={self.gripper_dim} is outside action_dim={self.action_dim}")
+            raise ValueError(f"policy.gripper_dim={self.gripper_dim} is outside policy.action_dim={self.action_dim}")
 
     @property
     def gripper_index(self) -> int | None:
@@ -83,9 +83,4 @@ class PolicyConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> PolicyConfig:
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in d:
-            if key not in names:
-                near = difflib.get_close_matches(key, names, n=3)
-                raise ValueError(f"policy config: unknown key {key!r}; did you mean {near or names}?")
-        return cls(**d)
+        return build_config(cls, d, "policy")
