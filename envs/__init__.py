@@ -16,8 +16,11 @@ from envs.video import record_episode, write_video  # noqa: E402
 
 MAX_EPISODE_STEPS = {"Reach": 50, "Push": 120, "PickPlace": 120, "Stack": 150}
 TASKS = tuple(MAX_EPISODE_STEPS)
+# Variants for experiments, registered beside the tasks but not in TASKS (which the base's
+# pretraining scenes and the benches walk): ReachSide's demonstrations are bimodal (action heads).
+VARIANT_STEPS = {"ReachSide": 50}
 
-for _task, _steps in MAX_EPISODE_STEPS.items():
+for _task, _steps in {**MAX_EPISODE_STEPS, **VARIANT_STEPS}.items():
     _id = f"vla_peft/{_task}-v0"
     if _id not in gym.registry:
         gym.register(id=_id, entry_point=f"envs.tasks:{_task}Env", max_episode_steps=_steps)
@@ -25,6 +28,7 @@ for _task, _steps in MAX_EPISODE_STEPS.items():
 __all__ = [
     "TASKS",
     "MAX_EPISODE_STEPS",
+    "VARIANT_STEPS",
     "TabletopEnv",
     "PhysicsInstabilityWarning",
     "RenderingUnavailableError",

@@ -55,6 +55,20 @@ class ReachExpert(Expert):
         return self.move(ee, cube, OPEN)
 
 
+class ReachSideExpert(Expert):
+    """Straight to the spot on one side of the cube, the side drawn at random from the env's
+    generator at the episode's first step (so a seed repeats its demonstration)."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.side = None
+
+    def act(self, s):
+        if self.side is None:
+            self.side = int(self.env.np_random.integers(2))
+        return self.move(s["ee_pos"], self.env.side_goals()[self.side], OPEN)
+
+
 class PickPlaceExpert(Expert):
     """Grasp the target cube and put it down at `goal()`; Stack subclasses the goal."""
 
@@ -182,7 +196,8 @@ class PlayExpert(Expert):
         return self.move(ee, self.waypoint, OPEN)
 
 
-EXPERTS = {"Reach": ReachExpert, "Push": PushExpert, "PickPlace": PickPlaceExpert, "Stack": StackExpert}
+EXPERTS = {"Reach": ReachExpert, "Push": PushExpert, "PickPlace": PickPlaceExpert, "Stack": StackExpert,
+           "ReachSide": ReachSideExpert}
 
 
 def make_expert(env: gym.Env, play: bool = False) -> Callable[[dict[str, np.ndarray]], np.ndarray]:

@@ -64,6 +64,27 @@ class ReachEnv(TabletopEnv):
         return bool(np.linalg.norm(self.ee_pos - self.cube_pos(0)) < 0.04)
 
 
+class ReachSideEnv(ReachEnv):
+    """Reach with two goals, a multimodal variant for comparing action heads: hover beside the named
+    cube, ``SIDE`` to its left or its right (along the table's x axis) at the experts' travel height.
+    Its expert picks the side at random in each episode, so the demonstrations have two modes and
+    their average, a hover over the cube itself, is ``SIDE`` from both goals and fails.
+    Same scenes and instruction as Reach."""
+
+    task_name = "ReachSide"
+    SIDE = 0.07
+    HEIGHT = 0.1  # the experts' travel height (SAFE_Z): above every cube
+    TOLERANCE = 0.03
+
+    def side_goals(self) -> np.ndarray:
+        """(2, 3): the spots left and right of the named cube."""
+        cube = self.cube_pos(0)
+        return np.array([[cube[0] + side * self.SIDE, cube[1], self.HEIGHT] for side in (-1, 1)])
+
+    def _is_success(self):
+        return bool(np.min(np.linalg.norm(self.side_goals() - self.ee_pos, axis=1)) < self.TOLERANCE)
+
+
 def _on_pad(cube: np.ndarray, pad: np.ndarray) -> bool:
     return bool(np.max(np.abs(cube[:2] - pad[:2])) < PAD_HALF and cube[2] < RESTING)
 

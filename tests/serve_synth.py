@@ -80,14 +80,21 @@ def observation(seed: int, image_size: int = 32) -> dict:
 
 
 @contextlib.contextmanager
-def threaded_server(bank, **app_kwargs):
+def threaded_server(bank, port: int | None = None, **app_kwargs):
     """The app on uvicorn in a background thread; yields its URL, stops it on exit."""
-    import uvicorn
-
     from vla_peft.serve.server import create_app
 
-    port = free_port()
-    config = uvicorn.Config(create_app(bank, **app_kwargs), host=LOOPBACK, port=port, log_level="error")
+    with serving(create_app(bank, **app_kwargs), port) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving(app, port: int | None = None):
+    """``app`` on uvicorn in a background thread (on ``port``, or a free one); yields its URL."""
+    import uvicorn
+
+    port = port or free_port()
+    config = uvicorn.Config(app, host=LOOPBACK, port=port, log_level="error")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

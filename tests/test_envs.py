@@ -223,3 +223,28 @@ def test_gl_backend_and_renderer_name(monkeypatch):
     assert choose_backend() == "osmesa"  # a user's choice is kept
     name = envs.gl_renderer_name()
     assert isinstance(name, str) and name
+
+
+def test_reach_side_expert_takes_either_side_and_the_average_fails():
+    """The multimodal variant: its expert succeeds from the left and from the right of the cube, in
+    different episodes, and a hover over the cube (the average of the two) is no success."""
+    env = make("ReachSide", render_images=False, terminate_on_success=True)
+    expert = envs.make_expert(env)
+    sides = []
+    for seed in range(10):
+        obs, info = env.reset(seed=seed)
+        done = False
+        while not done:
+            obs, _, terminated, truncated, info = env.step(expert(obs))
+            done = terminated or truncated
+        assert info["is_success"], f"ReachSide expert failed at seed {seed}"
+        sides.append(expert.side)
+    assert 0 < sum(sides) < len(sides)  # both sides, drawn per episode
+    base = env.unwrapped
+    left, right = base.side_goals()
+    base.data.qpos[base._ee_qpos] = (left + right) / 2
+    assert not base._is_success()
+    base.data.qpos[base._ee_qpos] = right + 0.01
+    assert base._is_success()
+    assert env.spec.max_episode_steps == envs.VARIANT_STEPS["ReachSide"] and "ReachSide" not in envs.TASKS
+    env.close()

@@ -77,6 +77,15 @@ def test_method_trains_and_its_bundle_reloads_to_the_same_output(name, tiny_llav
         assert type(reloaded.vlm.model.language_model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
 
 
+@pytest.mark.parametrize("name", list(METHODS))
+def test_flow_head_trains_with_every_method_and_its_bundle_reloads_bit_exactly(name, tiny_llava_dir, demos, tmp_path):
+    run = run_config(tiny_llava_dir, demos, tmp_path, METHODS[name], policy={"head": "flow", "flow_steps": 3}, steps=2)
+    result = train(run, progress=False)
+    assert np.isfinite(result.summary["final"]["flow_mse"])
+    obs = frames(demos, [(0, 1), (3, 7)])
+    np.testing.assert_array_equal(load_bundle(tmp_path / "bundle").predict_chunk(obs), result.policy.predict_chunk(obs))
+
+
 def test_discrete_head_trains_and_reports_token_accuracy(tiny_llava_dir, demos, tmp_path):
     result = train(run_config(tiny_llava_dir, demos, tmp_path, policy={"head": "discrete"}, eval_every=3),
                    progress=False)
@@ -114,7 +123,7 @@ def test_aux_targets_add_a_grounding_loss_and_travel_in_the_bundle(tiny_llava_di
     assert "aux_mse" in train(run, progress=False).summary["final"]
 
 
-@pytest.mark.parametrize("head", ["continuous", "discrete"])
+@pytest.mark.parametrize("head", ["continuous", "discrete", "flow"])
 def test_training_frames_through_predict_chunk_reproduce_training_metrics(head, tiny_llava_dir, demos, tmp_path):
     """OpenVLA's sanity check: raw frames through predict_chunk score what the training path scores."""
     run = run_config(tiny_llava_dir, demos, tmp_path, policy={"head": head}, steps=4)

@@ -3,7 +3,7 @@
 Each script prints its own table; this runs it in a fresh interpreter (so one bench's
 threads and caches never colour another's), shows its output as it comes, and saves the
 printed text (stdout; progress bars and warnings go to stderr, uncaptured) with the command
-and timing as JSON, which the README's tables are copied from.
+and timing as JSON, which the tables of docs/benchmarks.md are copied from.
 """
 
 from __future__ import annotations

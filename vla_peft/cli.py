@@ -132,7 +132,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Load the base once and every task bundle under --bank, then serve actions until SIGINT/SIGTERM."""
     import os
 
-    from vla_peft.serve.server import is_loopback, load_bank, run_server
+    from vla_peft.serve.server import bind, find_bundles, is_loopback, load_bank, run_server
 
     token = args.token or os.environ.get("VLA_PEFT_SERVE_TOKEN") or None
     if args.threads:
@@ -142,12 +142,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not is_loopback(args.host) and not token:  # refuse before the (slow) model load
         raise ValueError(f"--host {args.host} exposes the robot policy beyond this machine; set a shared token "
                          "(--token or VLA_PEFT_SERVE_TOKEN) or bind to 127.0.0.1")
-    bank = load_bank(args.bank, base=args.base, mode=args.mode)
+    find_bundles(args.bank)  # a wrong folder is named before anything else
+    sock = bind(args.host, args.port)  # a port in use is reported now, before the load and the announcement
+    try:
+        bank = load_bank(args.bank, base=args.base, mode=args.mode)
+    except BaseException:
+        sock.close()
+        raise
+    for name, why in bank.failed.items():
+        print(f"warning: task {name!r} is not served: {why}", file=sys.stderr, flush=True)
     print(f"serving {len(bank.names)} task(s) {bank.names} on http://{args.host}:{args.port} "
           f"({args.mode} swaps, token {'on' if token else 'off'}); Ctrl-C stops", flush=True)
     run_server(bank, host=args.host, port=args.port, token=token,
                max_request_bytes=int(args.max_request_mb * 1024 * 1024), max_batch=args.max_batch,
-               grace_s=args.grace_s, max_connections=args.max_connections, log_level=args.log_level)
+               grace_s=args.grace_s, max_connections=args.max_connections, log_level=args.log_level,
+               max_instruction_chars=args.max_instruction_chars, sock=sock)
     print("server stopped", flush=True)
     return 0
 
@@ -209,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: $VLA_PEFT_SERVE_TOKEN, else no token)")
     serve.add_argument("--max-request-mb", type=float, default=8.0,
                        help="largest request body accepted, 413 above (default: 8)")
+    serve.add_argument("--max-instruction-chars", type=int, default=1000,
+                       help="longest instruction accepted (characters), 422 above; the same limit as "
+                            "predict_chunk's (default: 1000)")
     serve.add_argument("--max-batch", type=int, default=16,
                        help="most requests of one task in one forward pass (default: 16)")
     serve.add_argument("--max-connections", type=int, default=64,

@@ -47,15 +47,16 @@ class ImageAugment:
         resized = F.interpolate(flat, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
         return resized.reshape(*images.shape[:-2], height, width)
 
-    def train(self, images: torch.Tensor) -> torch.Tensor:
+    def train(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Random crop + colour jitter of float (..., 3, H, W) images; one draw for the whole stack
-        (so the frames of a history move together). Uses torch's global RNG (seeded per DataLoader worker)."""
+        (so the frames of a history move together). Draws from ``generator`` (training passes one
+        seeded per sample, so resume is exact), else from torch's global RNG."""
         height, width = images.shape[-2:]
         crop_h, crop_w = self._crop_size(height, width)
-        top = int(torch.randint(0, height - crop_h + 1, ()))
-        left = int(torch.randint(0, width - crop_w + 1, ()))
+        top = int(torch.randint(0, height - crop_h + 1, (), generator=generator))
+        left = int(torch.randint(0, width - crop_w + 1, (), generator=generator))
         images = self._crop_resize(images, top, left, crop_h, crop_w)
-        factors = (torch.rand(3) * 2 - 1) * torch.tensor([self.brightness, self.contrast, self.saturation]) + 1
+        factors = (torch.rand(3, generator=generator) * 2 - 1) * torch.tensor([self.brightness, self.contrast, self.saturation]) + 1
         images = images * factors[0]
         mean = images.mean(dim=(-3, -2, -1), keepdim=True)
         images = (images - mean) * factors[1] + mean

@@ -19,6 +19,7 @@ from vla_peft.data.augment import ImageAugment, to_float_chw
 from vla_peft.data.errors import DemoFileError
 from vla_peft.data.hdf5 import DemoFile
 from vla_peft.data.stats import Normalizer, Stats, compute_stats
+from vla_peft.typed_config import check_values
 
 
 @dataclass
@@ -45,12 +46,9 @@ class DataConfig:
     crop_scale: float = 0.9
 
     def __post_init__(self) -> None:
-        if isinstance(self.paths, (str, Path)):
-            self.paths = [self.paths]
+        vars(self).update(check_values(DataConfig, dict(vars(self)), "data"))
         if not self.paths:
             raise ValueError("DataConfig.paths is empty: give at least one demonstration file")
-        if isinstance(self.grounding_paths, (str, Path)):
-            self.grounding_paths = [self.grounding_paths]
         if self.grounding_paths and not self.aux_keys:
             raise ValueError("DataConfig.grounding_paths train only the aux targets: set aux_keys (e.g. [target_pos]) "
                              "or drop grounding_paths")
@@ -220,7 +218,10 @@ class DemoDataset(Dataset):
         episode = int(np.searchsorted(self._starts, index, side="right")) - 1
         return episode, index - int(self._starts[episode])
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        """Sample ``index``; an ``(index, draw_seed)`` pair (the training sampler's) seeds its augmentation."""
+        index, draw_seed = index if isinstance(index, tuple) else (index, None)
+        generator = None if draw_seed is None or self.augment is None else torch.Generator().manual_seed(draw_seed)
         episode_number, t = self.locate(index)
         ep = self.episodes[episode_number]
         history, chunk = self.config.history, self.config.chunk_size
@@ -235,7 +236,7 @@ class DemoDataset(Dataset):
             frames = np.concatenate([np.repeat(frames[:1], pad_front, axis=0), frames]) if pad_front else frames
             images = to_float_chw(frames)
             if self.augment is not None:
-                images = self.augment.train(images) if self.train else self.augment.eval(images)
+                images = self.augment.train(images, generator) if self.train else self.augment.eval(images)
             cameras.append(images)
 
         state = ep.state[first : t + 1]

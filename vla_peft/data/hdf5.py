@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,6 +94,29 @@ def _atomic_partial_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial-{os.getpid()}")
 
 
+def remove_stale_partials(path: Path) -> list[Path]:
+    """Delete the temporary files of earlier writes to ``path`` whose process is gone (killed with
+    ``kill -9`` or a power cut, so nothing could clean up); a live writer's file is left alone."""
+    removed = []
+    for partial in path.parent.glob(f".{path.name}.partial-*"):
+        pid = partial.name.rpartition("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            partial.unlink(missing_ok=True)
+            removed.append(partial)
+            print(f"removed {partial}, left by a killed write (process {pid} is gone)", file=sys.stderr)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 class DemoWriter:
     """Write episodes to a new demonstration file; it appears under `path` only once `close()` succeeds.
 
@@ -102,6 +126,7 @@ class DemoWriter:
     def __init__(self, path: str | Path, env_args: dict, compression_level: int = 4):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(self.path)
         self._tmp = _atomic_partial_name(self.path)
         self._file = h5py.File(self._tmp, "w")
         self._data = self._file.create_group("data")
@@ -279,9 +304,15 @@ class DemoFile:
         """Read `actions`, `rewards`, `dones` or `obs/<file key>` of a demo (all rows or a slice)."""
         dataset = self.dataset(demo, key)
         try:
-            return dataset[()] if rows is None else dataset[rows]
+            values = dataset[()] if rows is None else dataset[rows]
         except OSError as error:
             raise DemoFileError(f"{self.path}: {demo} key '{key}' cannot be read ({error}); the file is corrupt") from None
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            first = (rows.start or 0) if rows is not None else 0
+            row = first + int(np.argwhere(~np.isfinite(np.atleast_1d(values)))[0][0])
+            raise DemoFileError(f"{self.path}: {demo} key '{key}' holds NaN or inf (first at row {row}); "
+                                "fix the recording or drop that demo from the file")
+        return values
 
     def check(self, obs_names: dict[str, str], demos: list[str] | None = None) -> None:
         """Check each demo has `actions` and the mapped observations with matching lengths and valid images.

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import yaml
 
 from vla_peft.peft.base import SCOPES
+from vla_peft.typed_config import check_values, read_yaml_mapping
 
 _REGISTRY: dict[str, type[MethodConfig]] = {}
 
@@ -51,7 +51,7 @@ class MethodConfig:
                 f"unknown {cls.method} config key(s) {unknown}; nearest valid keys: {hints}; "
                 f"valid keys are {valid}"
             )
-        return cls(**d)
+        return cls(**check_values(cls, d, "method"))
 
 
 def register(cls: type[MethodConfig]) -> type[MethodConfig]:
@@ -78,9 +78,7 @@ def load_method_config(source: str | Path | dict, overrides: dict | None = None)
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"no PEFT config at {path}; the built-in ones are in configs/peft/")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
+        data = read_yaml_mapping(path, "a PEFT method config (method: lora, r: 8, ...)")
     data.update(overrides or {})
     if "method" not in data:
         raise ValueError(f"the config has no 'method' key; set method to one of {sorted(set(_REGISTRY) | set(_BUILTIN))}")

@@ -37,6 +37,15 @@ class BundleMismatchError(ValueError):
     """A bundle loaded onto a base model it was not trained on."""
 
 
+class BundleFileError(ValueError):
+    """A bundle file that is missing, truncated or malformed; the message names the file and the fix."""
+
+
+def _damaged(file: Path, err: Exception) -> BundleFileError:
+    return BundleFileError(f"{file} is damaged ({type(err).__name__}: {err}); it is probably truncated or corrupt "
+                           "(an interrupted copy?): copy the bundle again, or re-export it with `vla-peft train`")
+
+
 def base_fingerprint(vlm: nn.Module) -> dict:
     """Architecture, sizes, and a hash of the token embeddings and patch embedding (rounded to
     bfloat16, so the same checkpoint loaded in fp32, bf16 or NF4 gives the same hash)."""
@@ -97,12 +106,44 @@ def save_bundle(policy: VLAPolicy, path: str | Path, data_config: dict | None = 
 
 def read_manifest(path: str | Path) -> dict:
     path = Path(path)
-    if not (path / MANIFEST).is_file():
+    file = path / MANIFEST
+    if not file.is_file():
         raise FileNotFoundError(f"{path} is not a task bundle: {MANIFEST} is missing (bundles are written by `vla-peft train`)")
-    manifest = json.loads((path / MANIFEST).read_text())
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise _damaged(file, err) from None
+    if not isinstance(manifest, dict):
+        raise _damaged(file, ValueError(f"the JSON is a {type(manifest).__name__}, not an object"))
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: bundle format {manifest.get('format_version')} is not {FORMAT_VERSION}; retrain or upgrade")
+    missing = [k for k in ("policy", "method", "base") if k not in manifest]
+    if missing or not isinstance(manifest["policy"], dict) or not isinstance(manifest["base"], dict):
+        raise _damaged(file, ValueError(f"it lacks {missing or 'a well-formed policy or base entry'}"))
+    try:
+        PolicyConfig.from_dict(manifest["policy"])
+    except (TypeError, ValueError) as err:
+        raise _damaged(file, err) from None
     return manifest
+
+
+def read_own_files(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The policy's own weights and its normalisers from a bundle directory, or one clear error
+    naming the damaged file."""
+    path = Path(path)
+    try:
+        state = load_file(str(path / "policy.safetensors"))
+    except FileNotFoundError:
+        raise BundleFileError(f"{path / 'policy.safetensors'} is missing: copy the whole bundle directory") from None
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        raise _damaged(path / "policy.safetensors", err) from None
+    try:
+        normalizers = load_normalizers(path / "normalizers.safetensors")
+    except FileNotFoundError:
+        raise BundleFileError(f"{path / 'normalizers.safetensors'} is missing: copy the whole bundle directory") from None
+    except Exception as err:  # noqa: BLE001 - as above, and a file without the normalisers' metadata
+        raise _damaged(path / "normalizers.safetensors", err) from None
+    return state, normalizers
 
 
 def check_base(manifest: dict, vlm: nn.Module, path: Path) -> None:
@@ -129,11 +170,12 @@ def load_bundle(path: str | Path, vlm: nn.Module | None = None, processor=None, 
 
         vlm, processor = load_vlm(config.base, dtype=config.dtype, load_in_4bit=config.load_in_4bit)
     check_base(manifest, vlm, path)
+    state, normalizers = read_own_files(path)  # before the base is touched
     policy = VLAPolicy(config, vlm, processor, method_config=None)
     if manifest["method"] is not None:
         load_method_weights(vlm, path / "adapter")
         policy.method_config = load_method(manifest["method"])
-    policy.load_own_state_dict(load_file(str(path / "policy.safetensors")))
-    policy.normalizers = load_normalizers(path / "normalizers.safetensors")
+    policy.load_own_state_dict(state)
+    policy.normalizers = normalizers
     policy.requires_grad_(False)
     return policy.eval()

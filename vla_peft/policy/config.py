@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 
 from vla_peft.models.tiny import ACTION_PROMPT
+from vla_peft.typed_config import build_config, check_values
 
-HEADS = ("continuous", "discrete")
+HEADS = ("continuous", "discrete", "flow")
 
 
 @dataclass
@@ -32,14 +32,17 @@ class PolicyConfig:
     # that every action query must also predict (MSE, weight aux_weight). Never read at inference.
     aux_keys: list[str] = field(default_factory=list)
     aux_dim: int | None = None          # total size of the aux keys; None: the data's
-    aux_weight: float = 5.0             # measured on Reach: 5 with augmentation 54 %, 1 without 10 % (README)
+    aux_weight: float = 5.0             # measured on Reach: 5 with augmentation 54 %, 1 without 10 % (docs/results.md)
     action_dim: int = 4
     chunk_size: int = 8                 # K actions predicted per forward pass
     execute_steps: int = 4              # n of the K actions executed before re-planning
     temporal_ensemble: float = 0.0      # > 0: re-plan every step and average overlapping chunks (ACT's m)
     head: str = "continuous"
-    head_width: int = 256
+    head_width: int = 256               # the MLP's width (continuous, aux), the action expert's width (flow)
     n_bins: int = 256
+    flow_steps: int = 10                # flow head: Euler steps per chunk (expert passes; the VLM runs once)
+    flow_layers: int = 2                # flow head: transformer blocks in the action expert
+    flow_seed: int = 0                  # flow head: seed of the starting noise (one draw, shared by every call)
     center_crop: float = 1.0            # kept area fraction of the evaluation centre crop (the data's crop_scale when augmenting)
     # Test-time augmentation: average each predicted chunk over the evaluation crop at n x n places
     # (n*n forward rows per observation; needs center_crop < 1). Measured on Reach: 74 % -> 88 % with 4.
@@ -49,11 +52,13 @@ class PolicyConfig:
     prompt: str = ACTION_PROMPT
 
     def __post_init__(self) -> None:
-        self.cameras, self.state_keys, self.aux_keys = list(self.cameras), list(self.state_keys), list(self.aux_keys)
+        vars(self).update(check_values(PolicyConfig, dict(vars(self)), "policy"))
         checks = [
             (self.head in HEADS, "head", f"use one of {HEADS}"),
             (0 < self.center_crop <= 1, "center_crop", "use a fraction in (0, 1]; 1 means no crop"),
             (self.eval_crop_grid >= 1, "eval_crop_grid", "use 1 (the centre crop only) or n > 1 for n x n crops"),
+            (self.flow_steps > 0, "flow_steps", "use a positive number of Euler steps such as 10"),
+            (self.flow_layers > 0, "flow_layers", "use a positive number of expert blocks such as 2"),
             (self.chunk_size > 0, "chunk_size", "use a positive integer such as 8"),
             (0 < self.execute_steps <= self.chunk_size, "execute_steps", f"use 1..chunk_size ({self.chunk_size})"),
             (self.action_dim > 0, "action_dim", "use the dataset's action dimension"),
@@ -65,9 +70,9 @@ class PolicyConfig:
         ]
         for ok, name, fix in checks:
             if not ok:
-                raise ValueError(f"policy config: {name}={getattr(self, name)!r} is invalid: {fix}")
+                raise ValueError(f"policy.{name}={getattr(self, name)!r} is invalid: {fix}")
         if self.gripper_dim is not None and not -self.action_dim <= self.gripper_dim < self.action_dim:
-            raise ValueError(f"policy config: gripper_dim={self.gripper_dim} is outside action_dim={self.action_dim}")
+            raise ValueError(f"policy.gripper_dim={self.gripper_dim} is outside policy.action_dim={self.action_dim}")
 
     @property
     def gripper_index(self) -> int | None:
@@ -78,9 +83,4 @@ class PolicyConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> PolicyConfig:
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in d:
-            if key not in names:
-                near = difflib.get_close_matches(key, names, n=3)
-                raise ValueError(f"policy config: unknown key {key!r}; did you mean {near or names}?")
-        return cls(**d)
+        return build_config(cls, d, "policy")

@@ -1,6 +1,8 @@
 """Action heads: what turns the action-query hidden states into a chunk of actions.
 
-Both work on *normalised* actions and decode a whole chunk from one forward pass.
+Each works on *normalised* actions and decodes a whole chunk from one VLM forward pass, through the
+same three calls: ``head(hidden)`` (its output), ``decode(output)`` (the chunk) and ``loss(output, target,
+mask)``. The flow-matching head (an action expert sampled by integration) is in ``flow.py``.
 """
 
 from __future__ import annotations

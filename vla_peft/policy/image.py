@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,18 +21,6 @@ def image_stats(processor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     mean = getattr(image_processor, "image_mean", None) or CLIP_MEAN
     std = getattr(image_processor, "image_std", None) or CLIP_STD
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
-
-
-def check_camera_image(image: np.ndarray | torch.Tensor, camera: str, expected_size: int) -> torch.Tensor:
-    """A batch of raw camera frames, uint8 (B, H, W, 3) at the policy's resolution, or a clear error."""
-    image = torch.as_tensor(np.asarray(image) if not torch.is_tensor(image) else image)
-    if image.dtype != torch.uint8 or image.ndim != 4 or image.shape[-1] != 3:
-        raise ValueError(
-            f"camera {camera!r}: expected uint8 images shaped (H, W, 3) (or batched), got {image.dtype} "
-            f"{tuple(image.shape)}; pass the environment's '{camera}_rgb' observation unchanged"
-        )
-    check_size(image.shape[1], image.shape[2], camera, expected_size)
-    return image
 
 
 def check_size(height: int, width: int, camera: str, expected_size: int) -> None:

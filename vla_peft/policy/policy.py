@@ -24,10 +24,13 @@ from vla_peft.data.augment import ImageAugment, to_float_chw
 from vla_peft.data.stats import Normalizer
 from vla_peft.policy.action_queue import ActionQueues
 from vla_peft.policy.config import PolicyConfig
+from vla_peft.policy.flow import FlowHead
 from vla_peft.policy.heads import ContinuousHead, DiscreteHead
-from vla_peft.policy.image import PixelNormalizer, check_camera_image, check_size
+from vla_peft.policy.image import PixelNormalizer, check_size
+from vla_peft.policy.observation import MAX_INSTRUCTION_CHARS, check_actions, check_observation
 from vla_peft.policy.peft_link import inject_method
 
+PROMPT_CACHE_SIZE = 4096  # tokenised prompts kept (a task has a handful of instructions)
 AUX_RANGE = 3.0  # aux targets are clamped to [-3, 3] normalised (mean/std) units
 
 
@@ -45,6 +48,8 @@ class VLAPolicy(nn.Module):
         self.tokenizer = getattr(processor, "tokenizer", processor)
         if self.tokenizer is None:
             raise ValueError("the base checkpoint has no tokenizer: save one beside it (AutoTokenizer.save_pretrained)")
+        # text an instruction must not hold: the image token would add a camera slot to the prompt
+        self.reserved_text = tuple(t for t in self.tokenizer.all_special_tokens if t)
         text_config = vlm.config.text_config
         hidden = text_config.hidden_size
         self.image_token_id = vlm.config.image_token_id
@@ -52,6 +57,9 @@ class VLAPolicy(nn.Module):
 
         if config.head == "continuous":
             self.head = ContinuousHead(hidden, config.action_dim, config.chunk_size, config.head_width)
+        elif config.head == "flow":
+            self.head = FlowHead(hidden, config.action_dim, config.chunk_size, config.head_width, config.flow_layers,
+                                 config.flow_steps, config.flow_seed)
         else:
             self.head = DiscreteHead(vlm.get_output_embeddings(), len(self.tokenizer), self.tokenizer.all_special_ids,
                                      config.action_dim, config.chunk_size, config.n_bins)
@@ -144,6 +152,8 @@ class VLAPolicy(nn.Module):
             expanded = []
             for i in ids:
                 expanded.extend([i] * num_image_tokens if i == self.image_token_id else [i])
+            if len(self._prompt_ids) >= PROMPT_CACHE_SIZE:  # a server's clients may send endless distinct texts
+                self._prompt_ids.clear()
             self._prompt_ids[key] = expanded
         return self._prompt_ids[key]
 
@@ -152,8 +162,12 @@ class VLAPolicy(nn.Module):
         """Rows per observation at inference: the evaluation crops that are averaged (``eval_crop_grid`` squared)."""
         return self.config.eval_crop_grid ** 2
 
+    def check_observation(self, obs: dict, max_instruction_chars: int = MAX_INSTRUCTION_CHARS) -> tuple[dict, bool]:
+        """``obs`` batched and checked against this policy's inputs (``vla_peft.policy.observation``)."""
+        return check_observation(obs, self.config, self.reserved_text, max_instruction_chars)
+
     def observation_inputs(self, obs: dict) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """Raw batched observation of B rows -> (images (V*B, C, 3, H, W) in [0, 1], normalised state
+        """Raw observation (batched, or one) -> (images (V*B, C, 3, H, W) in [0, 1], normalised state
         (V*B, S), instructions), the form the training batches have, for V = ``eval_views`` crops of
         each observation, crop-major (``average_views`` folds them back)."""
         if self.normalizers is None:
@@ -162,22 +176,17 @@ class VLAPolicy(nn.Module):
         if grid > 1 and self._eval_crop is None:
             raise ValueError(f"policy.eval_crop_grid={grid} needs an evaluation crop (center_crop < 1, set when "
                              "the policy is trained with data.augment): set eval_crop_grid to 1")
+        obs, _ = self.check_observation(obs)
         cameras = []
         for camera in self.config.cameras:
-            key = f"{camera}_rgb"
-            if key not in obs:
-                raise KeyError(f"observation has no image {key!r} (it has {sorted(obs)}): fix policy.cameras")
-            images = to_float_chw(check_camera_image(obs[key], camera, self.config.image_size))
+            images = to_float_chw(obs[f"{camera}_rgb"])
             cameras.append(self._eval_crop.eval_grid(images, grid) if self._eval_crop is not None else images[None])
-        parts = []
-        for key in self.config.state_keys:
-            if key not in obs:
-                raise KeyError(f"observation has no state key {key!r} (it has {sorted(obs)}): fix policy.state_keys")
-            parts.append(np.asarray(obs[key], dtype=np.float32).reshape(len(obs["instruction"]), -1))
-        state = np.concatenate(parts, axis=-1) if parts else np.zeros((len(obs["instruction"]), 0), np.float32)
+        parts = [obs[key] for key in self.config.state_keys]
+        batch = len(obs["instruction"])
+        state = np.concatenate(parts, axis=-1) if parts else np.zeros((batch, 0), np.float32)
         state = self.normalizers["state"].normalize(torch.from_numpy(state))
         views = self.eval_views
-        return torch.stack(cameras, dim=2).flatten(0, 1), state.repeat(views, 1), list(obs["instruction"]) * views
+        return torch.stack(cameras, dim=2).flatten(0, 1), state.repeat(views, 1), obs["instruction"] * views
 
     def average_views(self, outputs: torch.Tensor) -> torch.Tensor:
         """(V*B, ...) -> (B, ...): the mean over each observation's evaluation crops."""
@@ -230,7 +239,7 @@ class VLAPolicy(nn.Module):
         return hidden[:, -self.head.num_queries:]
 
     def head_output(self, images: torch.Tensor, state: torch.Tensor, instructions: list[str]) -> torch.Tensor:
-        """The head's raw output (normalised actions, or bin logits)."""
+        """The head's raw output (normalised actions, bin logits, or the flow expert's conditioning)."""
         return self.head(self.query_hidden(images, state, instructions))
 
     # ------------------------------------------------------------------ training
@@ -257,10 +266,9 @@ class VLAPolicy(nn.Module):
     # ------------------------------------------------------------------ acting
     @torch.no_grad()
     def predict_chunk(self, obs: dict, binarize_gripper: bool | None = None) -> np.ndarray:
-        """Raw actions (K, A) for one observation, or (B, K, A) for a batch (``instruction`` a list)."""
-        single = isinstance(obs["instruction"], str)
-        if single:
-            obs = {k: ([v] if k == "instruction" else np.asarray(v)[None]) for k, v in obs.items()}
+        """Raw actions (K, A) for one observation, or (B, K, A) for a batch (``instruction`` a list).
+        A bad observation raises ``ObservationError`` naming the key; actions are always finite."""
+        obs, single = self.check_observation(obs)
         images, state, instructions = self.observation_inputs(obs)
         was_training = self.training
         if was_training:  # train()/eval() walk every module (every resident adapter too): only when needed
@@ -274,7 +282,7 @@ class VLAPolicy(nn.Module):
         grip = self.config.gripper_index
         if grip is not None and (self.config.binarize_gripper if binarize_gripper is None else binarize_gripper):
             actions[..., grip] = torch.where(actions[..., grip] >= 0, 1.0, -1.0)
-        actions = actions.numpy().astype(np.float32)
+        actions = check_actions(actions.numpy().astype(np.float32))
         return actions[0] if single else actions
 
     def reset(self) -> None:

@@ -19,14 +19,12 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from safetensors.torch import load_file
 from torch import nn
 
-from vla_peft.data.stats import load_normalizers
 from vla_peft.peft import LoraConfig, inject, load_adapter
 from vla_peft.peft.lora import is_4bit, lora_layers
 from vla_peft.policy import PolicyConfig, VLAPolicy
-from vla_peft.policy.bundle import base_fingerprint, check_base, read_manifest
+from vla_peft.policy.bundle import base_fingerprint, check_base, read_manifest, read_own_files
 from vla_peft.policy.peft_link import load_method
 
 MODES = ("unmerged", "merged")
@@ -49,6 +47,7 @@ class AdapterBank:
         self.mode = mode
         self.policies: dict[str, VLAPolicy] = {}
         self.active: str | None = None
+        self.failed: dict[str, str] = {}  # bundles a loader could not register: name -> why (the server reports them)
         self._layers = list(lora_layers(vlm).values())  # walked once here, not at every switch
 
     @classmethod
@@ -107,9 +106,10 @@ class AdapterBank:
         check_base(manifest, self.vlm, path)
         method = load_method(manifest["method"])
         self._check_method(method, str(path))
+        state, normalizers = read_own_files(path)
         policy = VLAPolicy(PolicyConfig.from_dict(manifest["policy"]), self.vlm, self.processor, method_config=None)
-        policy.load_own_state_dict(load_file(str(path / "policy.safetensors")))
-        policy.normalizers = load_normalizers(path / "normalizers.safetensors")
+        policy.load_own_state_dict(state)
+        policy.normalizers = normalizers
         if method is not None:  # last: a bundle refused above leaves the base untouched
             load_adapter(self.vlm, path / "adapter", adapter_name=name)
         policy.method_config = method

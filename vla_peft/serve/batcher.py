@@ -4,7 +4,8 @@ Requests queue up while the worker is busy; each time it wakes it takes everythi
 (up to ``max_batch``) and runs as few forward passes as it can: in an unmerged bank, requests
 whose tasks share inputs and outputs go into one mixed batch with each row's own adapter
 (``AdapterBank.predict_mixed``); in a merged bank (one task in the weights at a time) they are
-grouped by task, with one swap per group.
+grouped by task, with one swap per group. A batch that fails is run again row by row, so one
+bad request cannot fail the others (the server also checks each request before it queues).
 """
 
 from __future__ import annotations
@@ -103,7 +104,21 @@ class TaskBatcher:
             else:
                 groups.setdefault(self._group_key(job), []).append(job)
         for group in groups.values():
-            self._resolve(group, lambda: self._forward(group))
+            self._act(group)
+
+    def _act(self, group: list[Job]) -> None:
+        """One forward pass for ``group``; if it fails, each request again on its own, so a request
+        that slipped past the checks fails alone and the others still get their answers."""
+        if len(group) == 1:
+            return self._resolve(group, lambda: self._forward(group))
+        try:
+            answers = self._forward(group)
+        except Exception:  # noqa: BLE001 - which row is at fault is found by running them one by one
+            for job in group:
+                self._act([job])
+            return
+        for job, answer in zip(group, answers):
+            job.future.set_result(answer)
 
     def _group_key(self, job: Job) -> tuple:
         """Requests with the same key share one forward pass."""

@@ -41,7 +41,9 @@ class Action:
 class PolicyClient:
     """``PolicyClient("http://127.0.0.1:8000").act(obs, instruction, task="reach").action``.
 
-    One connection per thread (the client may be shared by threads of one process)."""
+    One connection per thread (the client may be shared by threads of one process). When the
+    server is unreachable a request raises (``ConnectionRefusedError``, a timeout...); the next
+    request connects afresh, so the client works again as soon as the server is back."""
 
     def __init__(self, url: str = "http://127.0.0.1:8000", token: str | None = None, timeout: float = 30.0,
                  image_format: str = "raw") -> None:
@@ -98,16 +100,18 @@ class PolicyClient:
         headers = {"Content-Type": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        for attempt in (0, 1):  # a kept-alive connection the server closed meanwhile is reopened once
+        for attempt in (0, 1):
+            reused = getattr(self._local, "conn", None) is not None
             conn = self._connection()
             try:
                 conn.request(method, path, body=data, headers=headers)
                 response = conn.getresponse()
                 payload = response.read()
                 break
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                self.close()
-                if attempt:
+            except (OSError, http.client.HTTPException) as err:
+                self.close()  # any failure leaves the connection unusable: the next request opens a new one
+                stale = isinstance(err, (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError))
+                if attempt or not (reused and stale):  # only a kept-alive connection the server dropped is retried
                     raise
         try:
             content = json.loads(payload)

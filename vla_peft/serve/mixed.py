@@ -15,6 +15,8 @@ import contextlib
 import numpy as np
 import torch
 
+from vla_peft.policy.observation import check_actions
+
 SHARED_FIELDS = ("cameras", "image_size", "state_keys", "action_dim", "chunk_size")
 
 
@@ -61,14 +63,19 @@ def predict_mixed(bank, obs: dict, names: list[str], binarize_gripper: bool | No
                     f"{getattr(first, field)!r}: a mixed batch needs bundles with the same inputs and outputs"
                 )
 
+    obs, _ = policies[names[0]].check_observation(obs)  # the shared inputs: every row checked before any forward
+    subs = {name: {k: ([v[i] for i in rows] if k == "instruction" else v[rows]) for k, v in obs.items()}
+            for name, rows in groups.items()}
+    for name, sub in subs.items():  # each task's own reserved tokens and state size
+        policies[name].check_observation(sub)
+
     active = bank.active
     parts, blocks, start = {}, {}, 0
     try:
-        for name, rows in groups.items():  # each task's own embedding, with its LoRA in the vision tower
+        for name in groups:  # each task's own embedding, with its LoRA in the vision tower
             bank._set_lora(name)
             policy = policies[name]
-            sub = {k: ([v[i] for i in rows] if k == "instruction" else np.asarray(v)[rows]) for k, v in obs.items()}
-            parts[name] = policy.embed(*policy.observation_inputs(sub))  # eval_views rows per observation
+            parts[name] = policy.embed(*policy.observation_inputs(subs[name]))  # eval_views rows per observation
             own = parts[name][0]
             blocks[name] = torch.arange(start, start + len(own), device=own.device)  # its rows in the LM batch
             start += len(own)
@@ -99,4 +106,4 @@ def predict_mixed(bank, obs: dict, names: list[str], binarize_gripper: bool | No
         if grip is not None and binarize:
             actions[..., grip] = torch.where(actions[..., grip] >= 0, 1.0, -1.0)
         out[rows] = actions.numpy()
-    return out
+    return check_actions(out)

@@ -20,6 +20,7 @@ import hmac
 import ipaddress
 import json
 import signal
+import socket
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -31,6 +32,7 @@ from fastapi.responses import JSONResponse
 from vla_peft.serve.bank import AdapterBank
 from vla_peft.serve.batcher import TaskBatcher
 from vla_peft.serve.metrics import ServerMetrics
+from vla_peft.policy.observation import MAX_INSTRUCTION_CHARS, ObservationError
 from vla_peft.serve.wire import RequestError, parse_act
 
 TOKEN_HEADER = "authorization"  # "Bearer <token>"
@@ -56,12 +58,23 @@ def find_bundles(folder: str | Path) -> dict[str, Path]:
 
 
 def load_bank(folder: str | Path, base: str | None = None, mode: str = "unmerged") -> AdapterBank:
-    """Load the base once (the first bundle's, or ``base``) and register every bundle under its task name."""
+    """Load the base once (the first readable bundle's, or ``base``) and register every bundle under
+    its task name. A bundle that cannot be loaded is skipped and kept in ``bank.failed`` (name ->
+    why) for the caller to report; only when none loads is that an error."""
     bundles = find_bundles(folder)
-    bank = AdapterBank.for_bundle(next(iter(bundles.values())), mode=mode, base=base)
+    failed, bank = {}, None
     for name, path in bundles.items():
-        bank.register(name, path)
-    bank.activate(next(iter(bundles)))
+        try:
+            if bank is None:
+                bank = AdapterBank.for_bundle(path, mode=mode, base=base)
+            bank.register(name, path)
+        except (ValueError, OSError, KeyError) as err:  # each names the bundle's file or what differs
+            failed[name] = str(err)
+    if bank is None or not bank.names:
+        details = "; ".join(f"{name}: {why}" for name, why in failed.items())
+        raise ValueError(f"no bundle under {folder} could be loaded ({details})")
+    bank.failed = failed
+    bank.activate(bank.names[0])
     return bank
 
 
@@ -75,8 +88,9 @@ def is_loopback(host: str) -> bool:
 
 
 def create_app(bank: AdapterBank, token: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-               max_batch: int = 16):
-    """The ASGI app serving ``bank`` (which must have at least one bundle)."""
+               max_batch: int = 16, max_instruction_chars: int = MAX_INSTRUCTION_CHARS):
+    """The ASGI app serving ``bank`` (which must have at least one bundle). Each act request is
+    decoded and checked off the event loop, before it can join a batch of other clients' requests."""
     if not bank.names:
         raise ValueError("the bank has no bundles to serve; register at least one")
     metrics = ServerMetrics()
@@ -98,6 +112,10 @@ def create_app(bank: AdapterBank, token: str | None = None, max_request_bytes: i
     async def request_error(_: Request, err: RequestError):
         return JSONResponse({"error": str(err)}, status_code=err.status)
 
+    @app.exception_handler(ObservationError)
+    async def observation_error(_: Request, err: ObservationError):
+        return JSONResponse({"error": str(err)}, status_code=422)
+
     def task_of(body: dict) -> str:
         task = body.get("task", state["default"])
         if task is None:
@@ -106,29 +124,40 @@ def create_app(bank: AdapterBank, token: str | None = None, max_request_bytes: i
             raise RequestError(f"unknown task {task!r}; this server has {bank.names}", status=404)
         return task
 
-    async def json_body(request: Request) -> dict:
+    def json_body(raw: bytes) -> dict:
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
             raise RequestError(f"malformed body: not JSON ({err}); send a JSON object", status=400) from None
         if not isinstance(body, dict):
             raise RequestError("malformed body: the JSON must be an object", status=400)
         return body
 
+    def read_act(raw: bytes) -> tuple:
+        """JSON, base64 and image decoding and the observation check (run in a thread: a large
+        request must not hold up /health or other clients)."""
+        body = json_body(raw)
+        task = task_of(body)
+        tag = body.get("id")
+        if tag is not None and not isinstance(tag, (str, int)):
+            raise RequestError("'id' must be a string or an integer (it is echoed back to tag the answer)")
+        obs, binarize = parse_act(body, bank.policies[task], max_instruction_chars)
+        return task, tag, obs, binarize
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "tasks": bank.names, "active": state["default"]}
+        return {"status": "ok", "tasks": bank.names, "active": state["default"], "failed": bank.failed}
 
     @app.get("/tasks")
     async def tasks():
         return {"tasks": {name: {"config": policy.config.to_dict(),
                                  "method": None if policy.method_config is None else policy.method_config.method}
                           for name, policy in bank.policies.items()},
-                "active": state["default"]}
+                "active": state["default"], "failed": bank.failed}
 
     @app.post("/activate")
     async def activate(request: Request):
-        body = await json_body(request)
+        body = await asyncio.to_thread(json_body, await request.body())
         if "task" not in body:
             raise RequestError("missing field 'task': name the task to activate")
         task = task_of(body)
@@ -139,12 +168,7 @@ def create_app(bank: AdapterBank, token: str | None = None, max_request_bytes: i
     @app.post("/act")
     async def act(request: Request):
         start = time.perf_counter()
-        body = await json_body(request)
-        task = task_of(body)
-        tag = body.get("id")
-        if tag is not None and not isinstance(tag, (str, int)):
-            raise RequestError("'id' must be a string or an integer (it is echoed back to tag the answer)")
-        obs, binarize = parse_act(body, bank.policies[task].config)
+        task, tag, obs, binarize = await asyncio.to_thread(read_act, await request.body())
         answer = await asyncio.wrap_future(request.app.state.batcher.submit(task, obs, binarize))
         latency = time.perf_counter() - start
         metrics.record_act(task, latency, answer.batch_size)
@@ -226,16 +250,38 @@ async def _reply(send, status: int, error: str) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """Take the address now, so that a port in use is reported before anything says it is serving
+    (uvicorn listens on this socket once the bank is loaded)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        raise ValueError(f"--host {host}: cannot resolve it ({err}); use an address such as 127.0.0.1") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise ValueError(f"cannot serve on {host}:{port}: {err.strerror}; another process (an earlier server?) holds "
+                         "the port: stop it or pass another --port") from None
+    return sock
+
+
 def run_server(bank: AdapterBank, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_batch: int = 16, grace_s: float = 10.0,
-               max_connections: int = 64, log_level: str = "warning") -> None:
-    """Serve until SIGINT/SIGTERM. A non-loopback ``host`` needs a ``token``: the policy moves a robot."""
+               max_connections: int = 64, log_level: str = "warning",
+               max_instruction_chars: int = MAX_INSTRUCTION_CHARS, sock: socket.socket | None = None) -> None:
+    """Serve until SIGINT/SIGTERM, on ``sock`` (from ``bind``) or on ``host:port``. A non-loopback
+    ``host`` needs a ``token``: the policy moves a robot."""
     import uvicorn
 
     if not is_loopback(host) and not token:
         raise ValueError(f"--host {host} exposes the robot policy beyond this machine; set a shared token "
                          "(--token or VLA_PEFT_SERVE_TOKEN) or bind to 127.0.0.1")
-    app = create_app(bank, token=token, max_request_bytes=max_request_bytes, max_batch=max_batch)
+    sock = sock or bind(host, port)
+    app = create_app(bank, token=token, max_request_bytes=max_request_bytes, max_batch=max_batch,
+                     max_instruction_chars=max_instruction_chars)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s,
                             limit_concurrency=max_connections, access_log=False)
     # uvicorn shuts down gracefully on the first SIGINT/SIGTERM, then re-raises the signal to the
@@ -243,8 +289,9 @@ def run_server(bank: AdapterBank, host: str = "127.0.0.1", port: int = 8000, tok
     main = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, _stopped) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
-        uvicorn.Server(config).run()
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
+        sock.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

@@ -18,8 +18,11 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 
 import numpy as np
+
+from vla_peft.policy.observation import MAX_INSTRUCTION_CHARS
 
 DTYPES = ("uint8", "float32", "float64", "int32", "int64")  # what a request may carry
 IMAGE_FORMATS = ("png", "jpeg")
@@ -55,8 +58,9 @@ def encode_image(image: np.ndarray, fmt: str = "raw") -> dict:
     return {"format": fmt, "data": base64.b64encode(buffer.getvalue()).decode("ascii")}
 
 
-def decode_array(value, name: str) -> np.ndarray:
-    """The array a request field carries (encoded dict, image file, or list of numbers)."""
+def decode_array(value, name: str, image_size: int | None = None) -> np.ndarray:
+    """The array a request field carries (encoded dict, image file, or list of numbers). An image
+    file whose header is not ``image_size`` square is refused before it is decoded."""
     if isinstance(value, list):
         try:
             return np.asarray(value, dtype=np.float64)
@@ -70,78 +74,62 @@ def decode_array(value, name: str) -> np.ndarray:
     except (binascii.Error, ValueError):
         raise RequestError(f"observation {name!r}: 'data' is not valid base64") from None
     if "format" in value:
-        return _decode_image_file(raw, value["format"], name)
+        return _decode_image_file(raw, value["format"], name, image_size)
     dtype, shape = value.get("dtype"), value.get("shape")
     if dtype not in DTYPES:
         raise RequestError(f"observation {name!r}: dtype {dtype!r} is not accepted; use one of {DTYPES}")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape) or len(shape) > 4:
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape) or len(shape) > 4:
         raise RequestError(f"observation {name!r}: 'shape' must be a list of at most 4 non-negative integers")
-    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    expected = math.prod(shape) * np.dtype(dtype).itemsize  # Python integers: no overflow at any shape
     if len(raw) != expected:
         raise RequestError(f"observation {name!r}: {len(raw)} bytes of data do not fill shape {shape} of {dtype} "
                            f"({expected} bytes)")
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
-def _decode_image_file(raw: bytes, fmt, name: str) -> np.ndarray:
+def _decode_image_file(raw: bytes, fmt, name: str, image_size: int | None) -> np.ndarray:
     if fmt not in IMAGE_FORMATS:
         raise RequestError(f"observation {name!r}: image format {fmt!r} is not accepted; use one of {IMAGE_FORMATS}")
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(raw)) as image:
+        with Image.open(io.BytesIO(raw)) as image:  # reads the header only
             if image.format.lower() not in ("png", "jpeg"):
                 raise RequestError(f"observation {name!r}: the data is a {image.format} file, not {fmt}")
+            width, height = image.size
+            if image_size is not None and (width, height) != (image_size, image_size):
+                raise RequestError(
+                    f"observation {name!r}: the {fmt} image is {height}x{width} but this task's policy expects "
+                    f"{image_size}x{image_size} (read from the file's header; it was not decoded): send frames at "
+                    "the policy's resolution")
             return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError):
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
         raise RequestError(f"observation {name!r}: the data is not a readable {fmt} image") from None
 
 
-def parse_act(body, config) -> tuple[dict, bool | None]:
+def parse_act(body, policy, max_instruction_chars: int = MAX_INSTRUCTION_CHARS) -> tuple[dict, bool | None]:
     """A decoded ``act`` body -> (one observation as ``predict_chunk`` takes it, binarize_gripper),
-    checked against the task's policy config (cameras, image size and dtype, state sizes)."""
+    decoded here and checked by the policy's own observation check (``vla_peft.policy.observation``:
+    cameras, image size and dtype, state keys and sizes, finite values, the instruction)."""
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object")
     missing = [k for k in ("observation", "instruction") if k not in body]
     if missing:
         raise RequestError(f"missing field(s) {missing}: an act request needs 'task', 'observation' and 'instruction'")
-    observation, instruction = body["observation"], body["instruction"]
+    observation = body["observation"]
     if not isinstance(observation, dict):
         raise RequestError("'observation' must be an object of named arrays")
-    if not isinstance(instruction, str) or not instruction:
-        raise RequestError("'instruction' must be a non-empty string")
     binarize = body.get("binarize_gripper")
     if binarize is not None and not isinstance(binarize, bool):
         raise RequestError("'binarize_gripper' must be true, false or null")
-    obs = {"instruction": instruction}
-    size = config.image_size
-    for camera in config.cameras:
-        key = f"{camera}_rgb"
-        if key not in observation:
-            raise RequestError(f"missing field observation.{key}: this task's policy reads cameras {config.cameras}")
-        image = decode_array(observation[key], key)
-        if image.dtype != np.uint8:
-            raise RequestError(f"observation {key!r}: images must be uint8, got {image.dtype}; send the camera frame "
-                               "unchanged (0..255)")
-        if image.shape != (size, size, 3):
-            raise RequestError(f"observation {key!r}: image shape {tuple(image.shape)} is wrong; this task's policy "
-                               f"expects ({size}, {size}, 3)")
-        obs[key] = image
-    for key in config.state_keys:
-        if key not in observation:
-            raise RequestError(f"missing field observation.{key}: this task's policy reads state {config.state_keys}")
-        value = decode_array(observation[key], key)
-        if value.dtype == np.uint8 or value.ndim > 1:
-            raise RequestError(f"observation {key!r}: state must be a 1-D vector of numbers, got {value.dtype} "
-                               f"{tuple(value.shape)}")
-        if not np.all(np.isfinite(value)):
-            raise RequestError(f"observation {key!r}: holds NaN or infinity")
-        obs[key] = value.astype(np.float32)
-    total = sum(obs[k].size for k in config.state_keys)
-    if total != config.state_dim:
-        raise RequestError(f"the state {config.state_keys} has {total} values in all, but this task's policy "
-                           f"expects state_dim={config.state_dim}")
-    return obs, binarize
+    config = policy.config
+    obs = {"instruction": body["instruction"]}
+    images = [f"{camera}_rgb" for camera in config.cameras]
+    for key in [*images, *config.state_keys]:  # only what the policy reads; a missing one is named below
+        if key in observation:
+            obs[key] = decode_array(observation[key], key, config.image_size if key in images else None)
+    checked, _ = policy.check_observation(obs, max_instruction_chars)
+    return {key: value[0] for key, value in checked.items()}, binarize
 
 
 def encode_observation(obs: dict, cameras: list[str], state_keys: list[str], image_format: str = "raw") -> dict:

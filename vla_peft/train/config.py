@@ -9,14 +9,15 @@ or ``none`` for head-only training; ``method=<path>`` on the command line swaps 
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from vla_peft.policy.config import PolicyConfig
+from vla_peft.typed_config import build_config, check_keys, check_values, read_yaml_mapping
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
@@ -49,20 +50,16 @@ class TrainConfig:
     threads: int | None = None          # torch CPU threads; 1 is far faster when other jobs share the cores
     tensorboard: bool = False
 
+    POSITIVE: ClassVar = ("steps", "batch_size", "grad_accum", "lr", "eval_every", "val_batches", "save_every",
+                          "keep_last", "log_every", "threads", "max_grad_norm")
+    NON_NEGATIVE: ClassVar = ("weight_decay", "warmup_steps", "min_lr_ratio", "seed", "num_workers")
+
     def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)
-        for name in ("lr", "weight_decay", "min_lr_ratio", "max_grad_norm"):  # YAML reads 1e-3 as a string
-            setattr(self, name, float(getattr(self, name)))
-        positive = ["steps", "batch_size", "grad_accum", "eval_every", "save_every", "keep_last", "log_every"]
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"train config: {name} must be > 0 (got {getattr(self, name)})")
-        if self.lr <= 0:
-            raise ValueError(f"train config: lr must be > 0 (got {self.lr}), e.g. 3e-4")
+        vars(self).update(check_values(TrainConfig, dict(vars(self)), "train"))
         if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"train config: mixed_precision={self.mixed_precision!r}: use one of {MIXED_PRECISION}")
+            raise ValueError(f"train.mixed_precision={self.mixed_precision!r}: use one of {MIXED_PRECISION}")
         if self.batch_size % self.grad_accum:
-            raise ValueError(f"train config: batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+            raise ValueError(f"train.batch_size ({self.batch_size}) must be a multiple of train.grad_accum ({self.grad_accum})")
 
 
 @dataclass
@@ -81,29 +78,54 @@ class RunConfig:
         }
 
 
+SECTIONS = ("policy", "method", "data", "train")
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding vla_peft/: the repository, or site-packages
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
     """``["train.steps=10", "method.r=8"]`` -> ``{"train": {"steps": 10}, "method": {"r": 8}}`` (values parsed as YAML)."""
     out: dict[str, dict[str, Any]] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         section, dot, name = key.partition(".")
-        if not sep or not dot or section not in ("policy", "method", "data", "train"):
+        if not sep or not dot or section not in SECTIONS:
             raise ValueError(f"override {pair!r} must look like section.key=value with section one of "
                              "policy, method, data, train (e.g. train.steps=500)")
-        out.setdefault(section, {})[name] = yaml.safe_load(value)
+        try:
+            out.setdefault(section, {})[name] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"override {pair!r}: the value is not valid YAML; quote it or fix it") from None
     return out
 
 
-def _dataclass_from(cls, values: dict, section: str):
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in values:
-        if key not in names:
-            raise ValueError(f"{section} config: unknown key {key!r}; nearest: {difflib.get_close_matches(key, names, n=3)}")
-    return cls(**values)
+def find_relative(value: str, config_dir: Path) -> Path | None:
+    """A relative path looked up in the working directory, beside the config file, then in the
+    repository (the folder holding vla_peft/, where the shipped base lives); None if in none."""
+    if Path(value).is_absolute():
+        return Path(value) if Path(value).exists() else None
+    for root in (Path.cwd(), config_dir, PACKAGE_ROOT):
+        if (root / value).exists():
+            return (root / value).resolve()
+    return None
+
+
+def resolve_base(base: str, config_dir: Path) -> str:
+    """``policy.base`` as an absolute directory when it is one; a hub name (``org/name``) is kept."""
+    found = find_relative(base, config_dir) if base else None
+    if found is not None:
+        return str(found)
+    if not base or re.fullmatch(r"[\w.-]+(/[\w.-]+)?", base):
+        return base
+    raise ValueError(f"policy.base={base!r}: no such directory (looked in {Path.cwd()}, {config_dir} and "
+                     f"{PACKAGE_ROOT}) and not a hub name (org/name); give the checkpoint directory's path")
 
 
 def load_run_config(source: str | Path | dict, overrides: list[str] | None = None) -> RunConfig:
-    """Read a run config YAML (or dict) and apply ``section.key=value`` overrides."""
+    """Read a run config YAML (or dict) and apply ``section.key=value`` overrides; every value is
+    checked here (typed_config), before anything loads. Relative ``policy.base``, ``method`` and
+    ``data`` paths are found as ``find_relative`` says; ``train.output_dir`` stays relative to the
+    working directory."""
+    from vla_peft.data.dataset import DataConfig
     from vla_peft.policy.peft_link import load_method
 
     if isinstance(source, dict):
@@ -112,8 +134,8 @@ def load_run_config(source: str | Path | dict, overrides: list[str] | None = Non
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"no training config at {path}; the built-in ones are in configs/train/")
-        raw, root = yaml.safe_load(path.read_text()) or {}, path.parent
-    unknown = set(raw) - {"policy", "method", "data", "train"}
+        raw, root = read_yaml_mapping(path, "a training config with sections " + ", ".join(SECTIONS)), path.resolve().parent
+    unknown = set(raw) - set(SECTIONS)
     if unknown:
         raise ValueError(f"training config: unknown section(s) {sorted(unknown)}; use policy, method, data, train")
     overrides = list(overrides or [])
@@ -121,18 +143,28 @@ def load_run_config(source: str | Path | dict, overrides: list[str] | None = Non
     extra = parse_overrides([o for o in overrides if o not in swapped])
     if swapped:
         raw["method"] = swapped[-1].partition("=")[2]
-    policy = {**(raw.get("policy") or {}), **extra.get("policy", {})}
-    data = {**(raw.get("data") or {}), **extra.get("data", {})}
-    train = {**(raw.get("train") or {}), **extra.get("train", {})}
+    sections = {}
+    for name in ("policy", "data", "train"):
+        given = raw.get(name) or {}
+        check_keys({"policy": PolicyConfig, "data": DataConfig, "train": TrainConfig}[name], given, name)
+        sections[name] = {**given, **extra.get(name, {})}
+    policy, data, train = sections["policy"], sections["data"], sections["train"]
+    data = check_values(DataConfig, data, "data")
+    for key in ("paths", "grounding_paths"):
+        if key in data:
+            data[key] = [str(find_relative(p, root) or p) for p in data[key]]
+    policy = check_values(PolicyConfig, policy, "policy")
+    if "base" in policy:
+        policy["base"] = resolve_base(policy["base"], root)
     method = raw.get("method")
-    if isinstance(method, str) and method != "none" and not Path(method).exists() and (root / method).exists():
-        method = str(root / method)  # a path relative to the YAML file rather than to the working directory
+    if isinstance(method, str) and method != "none":
+        method = str(find_relative(method, root) or method)
     if method in (None, "none") and extra.get("method"):
         raise ValueError("method overrides given but the config has method: none")
     method_config = load_method(method, extra.get("method"))
     return RunConfig(
-        policy=PolicyConfig.from_dict(policy),
+        policy=build_config(PolicyConfig, policy, "policy"),
         method=method_config,
         data=data,
-        train=_dataclass_from(TrainConfig, train, "train"),
+        train=build_config(TrainConfig, train, "train"),
     )

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,11 @@ from tqdm import tqdm
 from vla_peft.data import DataConfig, build_datasets
 from vla_peft.policy.bundle import save_bundle
 from vla_peft.policy.policy import VLAPolicy
-from vla_peft.train.checkpoint import list_checkpoints, load_checkpoint, restore_optimizer, restore_rng, save_checkpoint
+from vla_peft.train.checkpoint import list_checkpoints, restore_optimizer, restore_rng, save_checkpoint
 from vla_peft.train.config import RunConfig
+from vla_peft.typed_config import build_config
 from vla_peft.train.metrics import MetricsLog, plot_loss_curve
+from vla_peft.train.resume import check_resumable, newest_readable_checkpoint
 from vla_peft.train.sampler import StepBatchSampler
 
 
@@ -52,7 +55,7 @@ def data_config_for(run: RunConfig) -> DataConfig:
         given = run.data.get(key)
         if given is not None and (list(given) if isinstance(value, list) else given) != value:
             raise ValueError(f"data.{key}={run.data[key]!r} disagrees with policy.{key}={value!r}: set it under policy only")
-    return DataConfig(**{**run.data, **fields})
+    return build_config(DataConfig, {**run.data, **fields}, "data")
 
 
 def fit_policy_to_data(run: RunConfig, train_set) -> None:
@@ -96,17 +99,19 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True) -> TrainR
         torch.set_num_threads(cfg.threads)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg.mixed_precision))
     out = Path(cfg.output_dir)
-    checkpoints = list_checkpoints(out)
-    if checkpoints and not resume:
+    if list_checkpoints(out) and not resume:
         raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or choose another train.output_dir")
-    if resume and not checkpoints:
-        raise FileNotFoundError(f"--resume given but {out}/checkpoints holds no complete checkpoint")
+    if resume:
+        checkpoint, (weights, opt_tensors, rng_tensors, state) = newest_readable_checkpoint(out)
     set_seed(cfg.seed)
 
     # --- data and policy
     data_config = data_config_for(run)
     train_set, val_set = build_datasets(data_config)
     fit_policy_to_data(run, train_set)
+    requested = run.to_dict()  # what a resume must match, checked before the model loads
+    if resume:
+        check_resumable(state.get("config"), requested, state["step"], checkpoint)
     policy = VLAPolicy.from_config(run.policy, run.method, normalizers=train_set.normalizers)
     if cfg.gradient_checkpointing:  # the method's name changed within transformers 5.x
         enable = getattr(policy.vlm, "activation_checkpointing_enable", None)
@@ -120,13 +125,11 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True) -> TrainR
 
     start, elapsed_before = 0, 0.0
     if resume:
-        weights, opt_tensors, rng_tensors, state = load_checkpoint(checkpoints[-1])
         with torch.no_grad():
             for name, param in named.items():
                 param.copy_(weights[name])
         restore_optimizer(optimizer, opt_tensors, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        restore_rng(rng_tensors, state["rng"])
         start, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
     model, optimizer = accelerator.prepare(policy, optimizer)
 
@@ -134,10 +137,12 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True) -> TrainR
                                accelerator.process_index, accelerator.num_processes, cfg.grad_accum,
                                train_set.grounding_samples, round(cfg.batch_size * train_set.config.grounding_fraction))
     batches = iter(DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers))
+    if resume:  # after everything above that draws from the global RNGs (the iterator does), as when it was saved
+        restore_rng(rng_tensors, state["rng"])
     main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(run.to_dict(), indent=2))
+        write_json_atomic(out / "config.json", run.to_dict())
         log = MetricsLog(out / "metrics.jsonl", resume_step=start if resume else None,
                          tensorboard_dir=out / "tensorboard" if cfg.tensorboard else None)
     trainable = sum(p.numel() for p in named.values())
@@ -191,7 +196,8 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True) -> TrainR
             model.train()
         if done % cfg.save_every == 0 or done == cfg.steps:
             if main:
-                state = {"scheduler": scheduler.state_dict(), "elapsed_s": elapsed_before + time.perf_counter() - t0}
+                state = {"scheduler": scheduler.state_dict(), "elapsed_s": elapsed_before + time.perf_counter() - t0,
+                         "config": requested}
                 save_checkpoint(out, done, named, optimizer, state, cfg.keep_last)
             accelerator.wait_for_everyone()
     bar.close()
@@ -211,9 +217,16 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True) -> TrainR
             "final": {k: v for k, v in last.items() if k != "step"}, "validation": vals[-1] if vals else None,
             "bundle": str(out / "bundle"),
         }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json_atomic(out / "summary.json", summary)
     accelerator.wait_for_everyone()
     return TrainResult(policy, summary)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """A kill mid-write leaves the old file (or none), never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
 
 
 @torch.no_grad()

@@ -14,8 +14,7 @@ class MetricsLog:
         self.path = Path(path)
         self.rows: list[dict] = []
         if resume_step is not None and self.path.is_file():
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            self.rows = [r for r in rows if r["step"] <= resume_step]
+            self.rows = [r for r in _read_rows(self.path) if r["step"] <= resume_step]
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         os.replace(tmp, self.path)
@@ -39,6 +38,19 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """The rows of a metrics file; a last line cut short by a kill is dropped."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines) - 1:
+                raise ValueError(f"{path}: line {number + 1} is not JSON; delete the file to resume without it") from None
+    return rows
 
 
 def plot_loss_curve(rows: list[dict], path: Path) -> Path:

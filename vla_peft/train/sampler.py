@@ -9,12 +9,18 @@ batches as a run on one.
 With grounding-only frames (``DataConfig.grounding_paths``, the last ``grounding_samples``
 indices) each global batch takes a fixed number of them from a second stream of the same
 kind, so their share of every batch stays what the config says however many there are.
+
+Each yielded index comes with a draw seed, a pure function of (seed, step, place in the global
+batch), that the dataset's augmentation draws from instead of torch's global RNG: so the crops
+and colour jitter of a resumed run, of any number of processes and of DataLoader workers are
+those of one uninterrupted run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
@@ -62,12 +68,17 @@ class StepBatchSampler(Sampler[list[int]]):
         order = torch.randperm(self.global_batch, generator=torch.Generator().manual_seed(self.seed * 100_003 - step - 1))
         return [indices[i] for i in order.tolist()]  # every micro-batch and process gets a mix
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def draw_seed(self, step: int, place: int) -> int:
+        """The augmentation seed of the sample at ``place`` in global batch ``step``."""
+        return int(np.random.SeedSequence([self.seed, step, place]).generate_state(1, np.uint64)[0])
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        """Per micro-batch: (sample index, draw seed) pairs, which DemoDataset takes as indices."""
         for step in range(self.start_step, self.total_steps):
             batch = self.global_batch_at(step)
             for micro in range(self.grad_accum):
                 offset = (micro * self.world_size + self.rank) * self.per_process
-                yield batch[offset: offset + self.per_process]
+                yield [(batch[i], self.draw_seed(step, i)) for i in range(offset, offset + self.per_process)]
 
     def __len__(self) -> int:
         return (self.total_steps - self.start_step) * self.grad_accum
