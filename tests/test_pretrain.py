@@ -79,20 +79,25 @@ def test_instruction_questions_use_the_policy_prompt_and_answer_where_the_named_
     def fine(x):  # 32 bins per axis, as two digit words
         return [numbers[int(x * 32) // 10], numbers[int(x * 32) % 10]]
 
+    def coarse(x):
+        return [numbers[int(x * 8)]]
+
     try:
         for seed in range(10):
             env.reset(seed=seed)
             scene = describe(env, "agentview")
-            qa = ask(scene, "instruction", rng)
-            if qa is None:
-                continue
-            question, answer = qa
-            assert question.startswith(ACTION_PROMPT.split("{")[0]) and question.endswith("?")
-            named = [w for w in question.split() if w in COLOURS]
-            cube = next(o for o in scene["objects"] if o["kind"] == "cube" and o["colour"] == named[0] and o["visible"])
-            bins = answer.split()
-            assert bins[:4] == fine(cube["u"]) + fine(cube["v"]), (question, answer)
-            assert ("then" in bins) == (len(named) == 2)
+            for qtype, to_words in (("instruction", coarse), ("instruction_fine", fine)):
+                qa = ask(scene, qtype, rng)
+                if qa is None:
+                    continue
+                question, answer = qa
+                assert question.startswith(ACTION_PROMPT.split("{")[0]) and question.endswith("?")
+                named = [w for w in question.split() if w in COLOURS]
+                cube = next(o for o in scene["objects"] if o["kind"] == "cube" and o["colour"] == named[0] and o["visible"])
+                bins = answer.split()
+                where = to_words(cube["u"]) + to_words(cube["v"])
+                assert bins[: len(where)] == where, (question, answer)
+                assert ("then" in bins) == (len(named) == 2)
     finally:
         env.close()
 

@@ -105,9 +105,12 @@ def add_data_commands(sub) -> None:
 
 def cmd_pretrain_base(args: argparse.Namespace) -> int:
     """Pretrain the tiny base VLM on simulator captions and grounding questions."""
-    from vla_peft.pretrain.train import PretrainConfig, format_report, pretrain
+    from vla_peft.pretrain.train import LOCATOR_RECIPE, PretrainConfig, format_report, pretrain
 
-    cfg = PretrainConfig(steps=args.steps, seed=args.seed, **({} if args.lr is None else {"lr": args.lr}))
+    recipe = dict(LOCATOR_RECIPE) if args.recipe == "locator" else {}
+    recipe.update({"seed": args.seed, **({} if args.steps is None else {"steps": args.steps}),
+                   **({} if args.lr is None else {"lr": args.lr})})
+    cfg = PretrainConfig(**recipe)
     report = pretrain(args.out, cfg, resume=args.resume, minutes=args.minutes, threads=args.threads)
     print(format_report(report))
     print(f"checkpoint: {args.out} (load with vla_peft.models.load_vlm; inputs via vla_peft.models.load_image_norm)")
@@ -237,8 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     pre = sub.add_parser("pretrain-base", help="pretrain the tiny CPU base VLM on simulator scenes (no actions)")
     pre.add_argument("--out", required=True, help="checkpoint directory to write")
-    pre.add_argument("--steps", type=int, default=4000,
-                     help="training steps of 16 images x 4 questions (+64 images for the vision tower) (default: 4000, the shipped base)")
+    pre.add_argument("--recipe", choices=["shipped", "locator"], default="shipped",
+                     help="shipped: the recipe of the shipped base (3,000 steps, 8,000 scenes); locator: posed scenes, "
+                          "the locator target and fine answers (4,000 steps, 80,000 scenes; docs/base-models.md) (default: shipped)")
+    pre.add_argument("--steps", type=int, default=None,
+                     help="training steps of 16 images x 4 questions (+48 or 64 images for the vision tower) "
+                          "(default: the recipe's, 3,000 or 4,000)")
     pre.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this much training time (default: no limit)")
     pre.add_argument("--seed", type=int, default=0, help="seed of scenes, weights and batches (default: 0)")
     pre.add_argument("--lr", type=float, default=None,

@@ -9,8 +9,8 @@ SHIPPED = Path(__file__).parent / "base"
 CACHE_ENV = "VLA_PEFT_BASE_CACHE"
 
 # The exact recipe of the shipped base; `vla-peft pretrain-base` with these options rebuilds it.
-RECIPE = {"steps": 4000, "seed": 0}
-REBUILD_COMMAND = "vla-peft pretrain-base --out <dir> --steps 4000 --seed 0 --threads 1"
+RECIPE = {"steps": 3000, "seed": 0}
+REBUILD_COMMAND = "vla-peft pretrain-base --out <dir> --steps 3000 --seed 0 --threads 1"
 
 
 def cache_path() -> Path:

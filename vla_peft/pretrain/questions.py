@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 BINS = 8  # coordinate bins per image axis
-FINE_BINS = 32  # for `locate` and `instruction`: 2 pixels of a 64-pixel image, about 1.2 cm on the table
+FINE_BINS = 32  # for `locate` and `instruction_fine`: 2 pixels of a 64-pixel image, about 1.2 cm on the table
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 COLUMNS = ["left", "center", "right"]
 ROWS = ["top", "middle", "bottom"]
@@ -124,7 +124,7 @@ def gripper_open(scene: dict, rng: np.random.Generator) -> tuple[str, str] | Non
     return "is the gripper open?", "yes" if scene["gripper"]["open"] else "no"
 
 
-def instruction(scene: dict, rng: np.random.Generator) -> tuple[str, str] | None:
+def instruction(scene: dict, rng: np.random.Generator, fine_bins: bool = False) -> tuple[str, str] | None:
     """A task instruction in the policy's own prompt -> column and row bins of its object (then of its goal).
 
     Grounding, not acting: the answer is where the named things are, never an action. It is
@@ -146,11 +146,12 @@ def instruction(scene: dict, rng: np.random.Generator) -> tuple[str, str] | None
     goal = goals[rng.integers(len(goals))] if goals else None
     text = INSTRUCTIONS[task].format(cube=cube["colour"], pad=goal and goal["colour"], other=goal and goal["colour"])
     # No "x"/"y" words: the first answer word is already the column, so the base must find the
-    # object at the prompt's last token, the one the policy's action queries follow. Fine bins:
-    # the policy needs the object to within a few pixels.
-    answer = f"{fine(cube['u'])} {fine(cube['v'])}"
+    # object at the prompt's last token, the one the policy's action queries follow.
+    where_of = (lambda o: f"{fine(o['u'])} {fine(o['v'])}") if fine_bins else (
+        lambda o: f"{NUMBERS[coordinate_bin(o['u'])]} {NUMBERS[coordinate_bin(o['v'])]}")
+    answer = where_of(cube)
     if goal is not None:
-        answer += f" then {fine(goal['u'])} {fine(goal['v'])}"
+        answer += f" then {where_of(goal)}"
     return ACTION_PROMPT.format(instruction=text), answer
 
 
@@ -164,7 +165,6 @@ def caption(scene: dict, rng: np.random.Generator) -> tuple[str, str] | None:
 
 QUESTION_TYPES: dict[str, Callable[[dict, np.random.Generator], tuple[str, str] | None]] = {
     "where": where,
-    "locate": locate,
     "region": region,
     "exists": exists,
     "colour_of": colour_of,
@@ -174,13 +174,22 @@ QUESTION_TYPES: dict[str, Callable[[dict, np.random.Generator], tuple[str, str] 
     "gripper_open": gripper_open,
     "caption": caption,
     "instruction": instruction,
+    "locate": locate,
+    # the same, answered in FINE_BINS: the policy needs its objects to within a few pixels
+    "instruction_fine": lambda scene, rng: instruction(scene, rng, fine_bins=True),
 }
 
 # Sampling weights: first the questions that need one binding and little reading, then all.
 EASY_MIX = {"where": 3, "region": 3, "exists": 2, "count": 1, "gripper_where": 1, "gripper_open": 1, "instruction": 2}
 FULL_MIX = {
-    "where": 2, "locate": 3, "region": 1, "exists": 1, "colour_of": 2, "relation": 2,
+    "where": 4, "region": 1, "exists": 1, "colour_of": 2, "relation": 2,
     "count": 0.5, "gripper_where": 1, "gripper_open": 0.5, "caption": 1, "instruction": 3,
+}
+# The locator recipe's mixes: answers in FINE_BINS, and `locate` takes half of `where`'s share.
+FINE_EASY_MIX = {**{k: v for k, v in EASY_MIX.items() if k != "instruction"}, "instruction_fine": EASY_MIX["instruction"]}
+FINE_FULL_MIX = {
+    "where": 2, "locate": 3, "region": 1, "exists": 1, "colour_of": 2, "relation": 2,
+    "count": 0.5, "gripper_where": 1, "gripper_open": 0.5, "caption": 1, "instruction_fine": 3,
 }
 
 

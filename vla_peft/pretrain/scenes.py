@@ -135,7 +135,7 @@ def render_scenes(
             episode += 1
             expert = envs.make_expert(env)
             obs, _ = env.reset(seed=int(rng.integers(2**31)))
-            posed = rng.random() < posed_fraction
+            posed = posed_fraction > 0 and rng.random() < posed_fraction  # no draw at 0: old scene sets stay as they were
             if posed:
                 _pose(env.unwrapped, rng)
             for shot in range(1 if posed else snapshots_per_episode):
@@ -175,7 +175,7 @@ def _pose(base, rng: np.random.Generator) -> None:
 def _segment(env, expert, obs: dict, rng: np.random.Generator, action_noise: float, dash_fraction: float) -> dict:
     """A few control steps: the noisy expert, or a dash to a random point with a random grip."""
     base = env.unwrapped
-    if rng.random() >= dash_fraction:
+    if rng.random() < 1.0 - dash_fraction:
         for _ in range(int(rng.integers(4, 16))):
             action = expert(obs) + rng.normal(0.0, action_noise, size=4).astype(np.float32)
             obs, *_ = env.step(np.clip(action, -1.0, 1.0))
