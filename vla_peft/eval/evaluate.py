@@ -231,11 +231,12 @@ def _time_limit(vec) -> int | None:
 
 
 def _control_hz(vec) -> float | None:
-    try:
-        return float(vec.get_attr("control_hz")[0])
-    except (AttributeError, TypeError, ValueError):
-        fps = (vec.metadata or {}).get("render_fps")
-        return float(fps) if fps else None
+    """The env's control rate (every member is wrapped in ErrorAsFailure, which answers None
+    for an env without ``control_hz``), else its ``render_fps``, else None."""
+    hz = vec.get_attr("control_hz")[0]
+    if hz is None:
+        hz = (vec.metadata or {}).get("render_fps")
+    return float(hz) if hz else None
 
 
 def _safe(name: str) -> str:
