@@ -18,6 +18,8 @@ import gymnasium as gym
 import mujoco
 import numpy as np
 from gymnasium import spaces
+
+from envs.presets import MissingExtraError
 from gymnasium.utils import seeding
 
 CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
@@ -45,7 +47,7 @@ def _metaworld():
         from metaworld.env_dict import ALL_V3_ENVIRONMENTS
         from metaworld.policies import ENV_POLICY_MAP
     except ImportError:
-        raise ImportError("Meta-World tasks need the metaworld extra: pip install -e '.[metaworld]' "
+        raise MissingExtraError("Meta-World tasks need the metaworld extra: pip install -e '.[metaworld]' "
                           "(it pins mujoco==3.3.0; install it in its own virtualenv)") from None
     return metaworld, ALL_V3_ENVIRONMENTS, ENV_POLICY_MAP
 

@@ -17,6 +17,10 @@ LIBERO_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", 
 EXAMPLES = "metaworld/reach-v3, metaworld/push-v3, libero/libero_spatial/0"
 
 
+class MissingExtraError(ImportError):
+    """A preset's benchmark is not installed: the message names the extra to install."""
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str                                      # what the user typed: metaworld/reach-v3

@@ -278,3 +278,16 @@ def test_async_envs_run_an_env_without_control_hz(bundles, tmp_path):
     assert infos["async"]["results"] == infos["sync"]["results"]
     assert [r["success"] for r in infos["async"]["results"]["per_episode"]] == [True, False, True, False]
     assert infos["async"]["timing"]["plain_env:Plain-v0"]["control_hz_target"] == 7.0
+
+
+def test_preset_names_and_missing_extras_are_one_line_errors(bundles, tmp_path, capsys):
+    import importlib.util
+
+    argv = ["eval", "--bundle", str(bundles["A"]), "--episodes", "1", "--out", str(tmp_path), "--no-progress"]
+    assert main(argv + ["--env", "metaworld/reach"]) == 2
+    assert "unknown environment preset 'metaworld/reach'" in capsys.readouterr().err
+    assert main(argv + ["--env", "libero/libero_spatial/x"]) == 2
+    assert "libero/<suite>/<task index>" in capsys.readouterr().err
+    if importlib.util.find_spec("metaworld") is None:  # the core install: the preset names its extra
+        assert main(argv + ["--env", "metaworld/reach-v3"]) == 2
+        assert "pip install -e '.[metaworld]'" in capsys.readouterr().err

@@ -256,10 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from envs.presets import MissingExtraError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:  # user errors: one line, no traceback
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, MissingExtraError) as err:  # user errors: one line
         print(f"error: {err}", file=sys.stderr)
         return 2
 
