@@ -76,10 +76,9 @@ def test_collect_records_the_scripted_policy_and_its_demos_replay(tmp_path):
     assert again["success"] and again["ee_pos_gap"] < 1e-5
 
 
-@pytest.mark.slow
-def test_eval_with_the_preset_needs_no_key_map(tiny_llava_dir, tmp_path):
-    """A policy on Meta-World's ``corner`` camera and its 4-dim state runs through ``--env``: every
-    episode starts from its own seed, with the instruction and success flag the preset brings."""
+@pytest.fixture(scope="module")
+def corner_bundle(tiny_llava_dir, tmp_path_factory):
+    """A policy on Meta-World's ``corner`` camera and its 4-dim state, saved as a bundle."""
     import torch
 
     from eval_synth import LORA_TARGETS, normalizers
@@ -94,8 +93,13 @@ def test_eval_with_the_preset_needs_no_key_map(tiny_llava_dir, tmp_path):
     torch.manual_seed(0)
     policy = VLAPolicy(config, vlm, processor, LoraConfig(r=4, alpha=8, targets=LORA_TARGETS))
     policy.normalizers = normalizers(4, 4)
-    bundle = save_bundle(policy.eval(), tmp_path / "bundle")
-    argv = ["eval", "--bundle", str(bundle), "--env", "metaworld/reach-v3", "--episodes", "3", "--num-envs", "2",
+    return save_bundle(policy.eval(), tmp_path_factory.mktemp("mw_bank") / "mw_reach" / "bundle")
+
+
+@pytest.mark.slow
+def test_eval_with_the_preset_needs_no_key_map(corner_bundle, tmp_path):
+    """Every episode starts from its own seed, with the instruction and success flag the preset brings."""
+    argv = ["eval", "--bundle", str(corner_bundle), "--env", "metaworld/reach-v3", "--episodes", "3", "--num-envs", "2",
             "--max-steps", "4", "--out", str(tmp_path / "eval"), "--no-progress"]
     assert main(argv) == 0
     info = json.loads((tmp_path / "eval" / "eval_info.json").read_text())
@@ -106,3 +110,27 @@ def test_eval_with_the_preset_needs_no_key_map(tiny_llava_dir, tmp_path):
     assert all(r["error"] is None and r["length"] == 4 and r["instruction"] == "reach the goal position" for r in rows)
     assert len({r["return"] for r in rows}) == 3  # three scenes, three different rewards
     assert info["timing"]["metaworld/reach-v3"]["control_hz_target"] == 80.0
+
+
+@pytest.mark.slow
+def test_served_policy_runs_the_preset_on_the_client_side(corner_bundle, tmp_path):
+    """A serve client evaluates the preset by name; every chunk comes from the server, and the
+    results equal the in-process evaluation of the same bundle."""
+    from serve_synth import threaded_server
+    from vla_peft.eval import EvalConfig, evaluate
+    from vla_peft.policy.bundle import load_bundle
+    from vla_peft.serve.client import PolicyClient
+    from vla_peft.serve.remote_eval import evaluate_remote
+    from vla_peft.serve.server import load_bank
+
+    config = dict(episodes=2, max_steps=4, progress=False)
+    with threaded_server(load_bank(corner_bundle.parent.parent)) as url:
+        remote = evaluate_remote(PolicyClient(url), {"metaworld/reach-v3": "mw_reach"},
+                                 EvalConfig(**config, out=str(tmp_path / "remote")))
+    local = evaluate(["metaworld/reach-v3"], lambda _: load_bundle(corner_bundle),
+                     EvalConfig(**config, out=str(tmp_path / "local")))
+    assert remote["results"]["per_task"]["metaworld/reach-v3"]["preset"] == "metaworld/reach-v3"
+    strip = [{k: v for k, v in r.items() if k != "return"} for r in local["results"]["per_episode"]]
+    assert [{k: v for k, v in r.items() if k != "return"} for r in remote["results"]["per_episode"]] == strip
+    for got, want in zip(remote["results"]["per_episode"], local["results"]["per_episode"]):
+        assert got["return"] == pytest.approx(want["return"], abs=1e-4)
