@@ -88,9 +88,9 @@ def write_summary(data_file: str, summary: dict) -> Path:
 def add_data_commands(sub) -> None:
     collect = sub.add_parser("collect", help="record scripted-expert demonstrations to HDF5 (robomimic/LIBERO layout)")
     what = collect.add_mutually_exclusive_group(required=True)
-    what.add_argument("--task", help="Reach, Push, PickPlace, Stack (or a full gymnasium id)")
+    what.add_argument("--task", help="Reach, Push, PickPlace, Stack (or a full gymnasium id); this or --env (default: none)")
     what.add_argument("--env", help="a benchmark preset whose scripted experts record the demos: metaworld/<task>-v3 "
-                                    "(needs the metaworld extra)")
+                                    "(needs the metaworld extra); this or --task (default: none)")
     collect.add_argument("--episodes", type=int, required=True, help="number of episodes to keep")
     collect.add_argument("--out", required=True, help="output .hdf5 file (written atomically)")
     collect.add_argument("--image-size", type=int, default=None,
