@@ -29,14 +29,35 @@ SETTLE_STEPS = 10  # no-op steps after reset while the objects drop into place, 
 NO_OP = np.array([0, 0, 0, 0, 0, 0, -1], np.float32)
 
 
+def _default_config() -> None:
+    """LIBERO asks on stdin for a dataset folder the first time it is imported (no config.yaml);
+    write the answer "no" gives (its default paths, inside the installed package) instead."""
+    import importlib.util
+
+    folder = os.environ.get("LIBERO_CONFIG_PATH", os.path.expanduser("~/.libero"))
+    spec = importlib.util.find_spec("libero")
+    if os.path.exists(os.path.join(folder, "config.yaml")) or spec is None or not spec.submodule_search_locations:
+        return
+    import yaml
+
+    root = os.path.join(list(spec.submodule_search_locations)[0], "libero")
+    paths = {"benchmark_root": root, "bddl_files": os.path.join(root, "bddl_files"),
+             "init_states": os.path.join(root, "init_files"), "datasets": os.path.join(root, "..", "datasets"),
+             "assets": os.path.join(root, "assets")}
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.yaml"), "w") as fh:
+        yaml.safe_dump(paths, fh)
+
+
 def _libero():
+    _default_config()
     try:
-        from libero.libero import benchmark, get_libero_path
+        from libero.libero import benchmark, get_assets_path, get_libero_path
         from libero.libero.envs import OffScreenRenderEnv
     except ImportError as err:
         raise MissingExtraError(f"LIBERO tasks need the libero extra: pip install -e '.[libero]' (hf-libero, mujoco<3.9; "
                           f"its egl probe builds with cmake and a C compiler) ({err})") from None
-    return benchmark, get_libero_path, OffScreenRenderEnv
+    return benchmark, get_libero_path, get_assets_path, OffScreenRenderEnv
 
 
 class LiberoEnv(gym.Env):
@@ -49,7 +70,7 @@ class LiberoEnv(gym.Env):
     def __init__(self, suite: str = "libero_spatial", task_index: int = 0, image_size: int = 128,
                  cameras: tuple[str, ...] = ("agentview", "wrist"), terminate_on_success: bool = True,
                  render_mode: str | None = None):
-        benchmark, get_libero_path, OffScreenRenderEnv = _libero()
+        benchmark, get_libero_path, get_assets_path, OffScreenRenderEnv = _libero()
         suites = benchmark.get_benchmark_dict()
         if suite not in suites:
             raise ValueError(f"unknown LIBERO suite {suite!r}; available: {sorted(suites)}")
@@ -66,6 +87,11 @@ class LiberoEnv(gym.Env):
         self.camera_names, self.image_size = tuple(cameras), int(image_size)
         self.terminate_on_success, self.render_mode = terminate_on_success, render_mode
         self.max_steps = MAX_STEPS.get(suite, 520)
+        assets = get_assets_path()  # hf-libero fetches the scene assets from the Hugging Face hub on first use
+        if not os.path.isdir(assets):
+            raise MissingExtraError(f"LIBERO's scene assets are not at {assets}: hf-libero downloads them from the "
+                                    "Hugging Face hub (lerobot/libero-assets) on first use, and that failed here; "
+                                    "fetch them once where the hub is reachable and copy them to that folder")
         bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
         self._env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=self.image_size,
                                        camera_widths=self.image_size,
