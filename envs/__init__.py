@@ -25,6 +25,13 @@ for _task, _steps in {**MAX_EPISODE_STEPS, **VARIANT_STEPS}.items():
     if _id not in gym.registry:
         gym.register(id=_id, entry_point=f"envs.tasks:{_task}Env", max_episode_steps=_steps)
 
+# Foreign benchmarks in our conventions; each needs its extra (imported only when made).
+FOREIGN = {"vla_peft/MetaWorld-v0": ("envs.metaworld:MetaWorldEnv", 500),
+           "vla_peft/LIBERO-v0": ("envs.libero:LiberoEnv", 520)}  # each suite ends its episodes sooner
+for _id, (_entry, _steps) in FOREIGN.items():
+    if _id not in gym.registry:
+        gym.register(id=_id, entry_point=_entry, max_episode_steps=_steps)
+
 __all__ = [
     "TASKS",
     "MAX_EPISODE_STEPS",

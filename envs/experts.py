@@ -206,6 +206,8 @@ def make_expert(env: gym.Env, play: bool = False) -> Callable[[dict[str, np.ndar
 
     It reads privileged state from the env, and restarts its plan whenever the env is reset."""
     base = env.unwrapped
+    if hasattr(base, "make_expert"):  # a foreign benchmark's own scripted policies (envs/metaworld.py)
+        return base.make_expert(play)
     if not isinstance(base, TabletopEnv):
         raise TypeError(f"make_expert needs a vla_peft tabletop env, got {type(base).__name__}")
     return (PlayExpert if play else EXPERTS[base.task_name])(base)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import h5py
 import numpy as np
 
 from vla_peft.data import DemoWriter, Episode
@@ -33,3 +36,35 @@ def write_synthetic(path, lengths=(5, 9, 3), seed: int = 0, size: int = 16, env_
         for episode in episodes:
             writer.add(episode)
     return episodes
+
+
+def make_libero_file(path, lengths=(5, 7), size=16):
+    """A file as LIBERO ships it: its obs names, instruction only in `problem_info`, no toolkit attributes."""
+    rng = np.random.default_rng(3)
+    arrays = []
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        data.attrs["problem_info"] = json.dumps(
+            {"problem_name": "libero_spatial_pick", "domain_name": "kitchen", "language_instruction": "pick up the black bowl"}
+        )
+        data.attrs["env_args"] = json.dumps({"type": 1, "env_name": "Libero_Tabletop_Manipulation"})
+        data.attrs["bddl_file_name"] = "pick.bddl"
+        for i, steps in enumerate(lengths):
+            demo = data.create_group(f"demo_{i}")
+            demo.attrs["num_samples"] = steps
+            item = {
+                "actions": rng.uniform(-1, 1, (steps, 7)),
+                "agentview_rgb": rng.integers(0, 256, (steps, size, size, 3), dtype=np.uint8),
+                "eye_in_hand_rgb": rng.integers(0, 256, (steps, size, size, 3), dtype=np.uint8),
+                "ee_pos": rng.normal(size=(steps, 3)),
+                "gripper_states": rng.normal(size=(steps, 2)),
+                "joint_states": rng.normal(size=(steps, 7)),
+            }
+            demo.create_dataset("actions", data=item["actions"])
+            demo.create_dataset("states", data=rng.normal(size=(steps, 40)))
+            demo.create_dataset("rewards", data=np.zeros(steps, np.uint8))
+            demo.create_dataset("dones", data=np.eye(steps, dtype=np.uint8)[-1])
+            for key in ("agentview_rgb", "eye_in_hand_rgb", "ee_pos", "gripper_states", "joint_states"):
+                demo.create_dataset(f"obs/{key}", data=item[key])
+            arrays.append(item)
+    return arrays

@@ -6,7 +6,7 @@ import shutil
 import h5py
 import numpy as np
 import pytest
-from data_synth import synthetic_episode, write_synthetic
+from data_synth import make_libero_file, synthetic_episode, write_synthetic
 
 from vla_peft.data import DataConfig, DemoDataset, DemoFile, DemoFileError, DemoWriter
 
@@ -71,38 +71,6 @@ def test_unfinished_file_does_not_load(tmp_path):
         DemoFile(path)
 
 
-def make_libero_file(path, lengths=(5, 7), size=16):
-    """A file as LIBERO ships it: its obs names, instruction only in `problem_info`, no toolkit attributes."""
-    rng = np.random.default_rng(3)
-    arrays = []
-    with h5py.File(path, "w") as f:
-        data = f.create_group("data")
-        data.attrs["problem_info"] = json.dumps(
-            {"problem_name": "libero_spatial_pick", "domain_name": "kitchen", "language_instruction": "pick up the black bowl"}
-        )
-        data.attrs["env_args"] = json.dumps({"type": 1, "env_name": "Libero_Tabletop_Manipulation"})
-        data.attrs["bddl_file_name"] = "pick.bddl"
-        for i, steps in enumerate(lengths):
-            demo = data.create_group(f"demo_{i}")
-            demo.attrs["num_samples"] = steps
-            item = {
-                "actions": rng.uniform(-1, 1, (steps, 7)),
-                "agentview_rgb": rng.integers(0, 256, (steps, size, size, 3), dtype=np.uint8),
-                "eye_in_hand_rgb": rng.integers(0, 256, (steps, size, size, 3), dtype=np.uint8),
-                "ee_pos": rng.normal(size=(steps, 3)),
-                "gripper_states": rng.normal(size=(steps, 2)),
-                "joint_states": rng.normal(size=(steps, 7)),
-            }
-            demo.create_dataset("actions", data=item["actions"])
-            demo.create_dataset("states", data=rng.normal(size=(steps, 40)))
-            demo.create_dataset("rewards", data=np.zeros(steps, np.uint8))
-            demo.create_dataset("dones", data=np.eye(steps, dtype=np.uint8)[-1])
-            for key in ("agentview_rgb", "eye_in_hand_rgb", "ee_pos", "gripper_states", "joint_states"):
-                demo.create_dataset(f"obs/{key}", data=item[key])
-            arrays.append(item)
-    return arrays
-
-
 def test_libero_named_file_loads_through_the_key_map(tmp_path):
     path = tmp_path / "libero.hdf5"
     arrays = make_libero_file(path)
@@ -122,6 +90,23 @@ def test_libero_named_file_loads_through_the_key_map(tmp_path):
     np.testing.assert_allclose(sample["actions"].numpy(), item["actions"][1:4], rtol=1e-6)
     with pytest.raises(DemoFileError, match="wrist_rgb"):
         DemoDataset(DataConfig(paths=[str(path)], cameras=["wrist"], key_map="vla_peft"))
+
+
+def test_libero_images_downsample_to_the_bases_size(tmp_path):
+    """LIBERO ships 128 x 128 frames; ``image_size`` resizes them on reading (antialiased, as PIL's
+    bilinear resize does), so the official file trains unchanged at the tiny base's size."""
+    from PIL import Image
+
+    path = tmp_path / "libero.hdf5"
+    arrays = make_libero_file(path, size=32)
+    config = DataConfig(paths=[str(path)], cameras=["agentview", "wrist"], chunk_size=3, image_size=16)
+    sample = DemoDataset(config)[6]  # demo_1, frame 1
+    assert sample["images"].shape == (2, 1, 3, 16, 16)
+    for camera, key in enumerate(("agentview_rgb", "eye_in_hand_rgb")):
+        expected = np.asarray(Image.fromarray(arrays[1][key][1]).resize((16, 16), Image.BILINEAR), np.float32)
+        np.testing.assert_allclose(sample["images"][camera, 0].permute(1, 2, 0).numpy() * 255, expected, atol=2.0)
+    with pytest.raises(ValueError, match="image_size"):
+        DataConfig(paths=[str(path)], image_size=0)
 
 
 # ---- bad input: one clear error naming the demo and the key -------------------------------------------

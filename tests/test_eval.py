@@ -262,3 +262,32 @@ def test_per_slot_action_queues_follow_select_action(ensemble):
             queues.push(0, chunks[used])
             used += 1
         np.testing.assert_allclose(queues.pop(0), expected, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_async_envs_run_an_env_without_control_hz(bundles, tmp_path):
+    """``--async-envs`` on an env that lacks our ``control_hz`` attribute: the same rows as the
+    synchronous run (it crashed: the worker died on the missing attribute), at its render_fps."""
+    infos = {}
+    for mode in ("sync", "async"):
+        out = tmp_path / mode
+        argv = ["eval", "--bundle", str(bundles["A"]), "--env-id", "plain_env:Plain-v0", "--episodes", "4",
+                "--num-envs", "2", "--out", str(out), "--no-progress"] + (["--async-envs"] if mode == "async" else [])
+        assert main(argv) == 0
+        infos[mode] = json.loads((out / "eval_info.json").read_text())
+    assert infos["async"]["results"] == infos["sync"]["results"]
+    assert [r["success"] for r in infos["async"]["results"]["per_episode"]] == [True, False, True, False]
+    assert infos["async"]["timing"]["plain_env:Plain-v0"]["control_hz_target"] == 7.0
+
+
+def test_preset_names_and_missing_extras_are_one_line_errors(bundles, tmp_path, capsys):
+    import importlib.util
+
+    argv = ["eval", "--bundle", str(bundles["A"]), "--episodes", "1", "--out", str(tmp_path), "--no-progress"]
+    assert main(argv + ["--env", "metaworld/reach"]) == 2
+    assert "unknown environment preset 'metaworld/reach'" in capsys.readouterr().err
+    assert main(argv + ["--env", "libero/libero_spatial/x"]) == 2
+    assert "libero/<suite>/<task index>" in capsys.readouterr().err
+    if importlib.util.find_spec("metaworld") is None:  # the core install: the preset names its extra
+        assert main(argv + ["--env", "metaworld/reach-v3"]) == 2
+        assert "pip install -e '.[metaworld]'" in capsys.readouterr().err

@@ -189,3 +189,27 @@ def test_policy_config_errors_name_the_field():
         PolicyConfig(chunk_size=4, execute_steps=5)
     with pytest.raises(ValueError, match="unknown key 'chunksize'.*chunk_size"):
         PolicyConfig.from_dict({"chunksize": 4})
+
+
+def test_camera_without_scene_mean_falls_back_to_the_processor_stats_with_one_warning():
+    """The shipped base has scene means for agentview and wrist only; a foreign camera (Meta-World's
+    ``corner``) is normalised with the processor's per-channel mean/std instead of being refused."""
+    import warnings
+    from types import SimpleNamespace
+
+    from vla_peft.models.image_norm import load_image_norm
+    from vla_peft.policy.image import PixelNormalizer
+
+    base = REPO / "vla_peft" / "pretrain" / "base"
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    processor = SimpleNamespace(image_processor=SimpleNamespace(image_mean=mean, image_std=std))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pixels = PixelNormalizer(["agentview", "corner"], 64, processor, base)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "['corner']" in messages[0] and "mean/std" in messages[0]
+    images = torch.rand(2, 2, 3, 64, 64)
+    out = pixels(images)
+    norm = load_image_norm(base)
+    torch.testing.assert_close(out[:, 0], (images[:, 0] - norm.means["agentview"]) / norm.std)
+    torch.testing.assert_close(out[:, 1], (images[:, 1] - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1))

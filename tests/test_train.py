@@ -257,3 +257,23 @@ def test_gradient_checkpointing_gives_the_same_losses(tiny_llava_dir, demos, tmp
     assert result.policy.vlm.model.language_model.gradient_checkpointing
     plain, ckpt = losses(tmp_path / "plain"), losses(tmp_path / "ckpt")
     np.testing.assert_allclose([ckpt[1], ckpt[2]], [plain[1], plain[2]], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_libero_file_trains_unchanged_at_the_downsampled_size(tiny_llava_dir, tmp_path):
+    """A file in LIBERO's own layout (agentview_rgb / eye_in_hand_rgb, ee_pos, gripper_states, 7-dim
+    actions, the instruction in problem_info) trains as it is; data.image_size sets the policy's
+    image size, and the bundle acts on frames of that size."""
+    from data_synth import make_libero_file
+
+    path = tmp_path / "libero_spatial_pick.hdf5"
+    make_libero_file(path, lengths=(6, 6, 6), size=32)
+    run = run_config(tiny_llava_dir, path, tmp_path / "run", policy={"cameras": ["agentview", "wrist"], "action_dim": 7})
+    run.data["image_size"] = 16
+    result = train(run, progress=False)
+    policy = load_bundle(result.summary["bundle"])
+    assert (policy.config.image_size, policy.config.state_dim, policy.config.action_dim) == (16, 5, 7)
+    obs = {"agentview_rgb": np.zeros((16, 16, 3), np.uint8), "wrist_rgb": np.zeros((16, 16, 3), np.uint8),
+           "ee_pos": np.zeros(3, np.float32), "gripper_states": np.zeros(2, np.float32),
+           "instruction": "pick up the black bowl"}
+    assert policy.predict_chunk(obs).shape == (4, 7)

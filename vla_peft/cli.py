@@ -44,11 +44,16 @@ def cmd_collect(args: argparse.Namespace) -> int:
     """Collect scripted-expert demonstrations into one HDF5 file."""
     import signal
 
+    from envs.presets import resolve_preset
     from vla_peft.data.collect import CollectConfig, collect, format_summary
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` unwinds like Ctrl-C: no partial file is left
+    task = args.task or args.env
+    preset = resolve_preset(args.env) if args.env else None
+    image_size = args.image_size or (preset.image_size if preset else 96)
+    cameras = args.cameras or (preset.cameras if preset else ("agentview", "wrist"))
     config = CollectConfig(
-        task=args.task, episodes=args.episodes, out=args.out, image_size=args.image_size, cameras=tuple(args.cameras),
+        task=task, episodes=args.episodes, out=args.out, image_size=image_size, cameras=tuple(cameras),
         seed=args.seed, workers=args.workers, keep_failed=args.keep_failed, max_attempts=args.max_attempts,
         play=args.play, max_steps=args.max_steps,
     )
@@ -82,11 +87,16 @@ def write_summary(data_file: str, summary: dict) -> Path:
 
 def add_data_commands(sub) -> None:
     collect = sub.add_parser("collect", help="record scripted-expert demonstrations to HDF5 (robomimic/LIBERO layout)")
-    collect.add_argument("--task", required=True, help="Reach, Push, PickPlace, Stack (or a full gymnasium id)")
+    what = collect.add_mutually_exclusive_group(required=True)
+    what.add_argument("--task", help="Reach, Push, PickPlace, Stack (or a full gymnasium id); this or --env (default: none)")
+    what.add_argument("--env", help="a benchmark preset whose scripted experts record the demos: metaworld/<task>-v3 "
+                                    "(needs the metaworld extra); this or --task (default: none)")
     collect.add_argument("--episodes", type=int, required=True, help="number of episodes to keep")
     collect.add_argument("--out", required=True, help="output .hdf5 file (written atomically)")
-    collect.add_argument("--image-size", type=int, default=96, help="camera image side in pixels (default: 96)")
-    collect.add_argument("--cameras", nargs="+", default=["agentview", "wrist"], help="cameras to record (default: agentview wrist)")
+    collect.add_argument("--image-size", type=int, default=None,
+                         help="camera image side in pixels (default: 96 for our tasks, 64 for Meta-World)")
+    collect.add_argument("--cameras", nargs="+", default=None,
+                         help="cameras to record (default: agentview wrist for our tasks, corner for Meta-World)")
     collect.add_argument("--seed", type=int, default=0, help="episode i is reset with seed+i (default: 0)")
     collect.add_argument("--workers", type=int, default=1, help="parallel worker processes (default: 1)")
     collect.add_argument("--keep-failed", action="store_true", help="keep episodes where the expert failed too (default: only successes)")
@@ -265,10 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from envs.presets import MissingExtraError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:  # user errors: one line, no traceback
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, MissingExtraError) as err:  # user errors: one line
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -37,15 +37,22 @@ class CollectConfig:
 
 
 def make_env(task: str, image_size: int, cameras: tuple[str, ...]):
+    """Our task ``Reach`` (or its full id), or a benchmark preset such as ``metaworld/reach-v3``."""
     import gymnasium as gym
 
     import envs  # noqa: F401  (registers the tasks)
+    from envs.presets import is_preset, resolve_preset
 
-    env_id = task if "/" in task else f"vla_peft/{task}-v0"
+    kwargs = {}
+    if is_preset(task):
+        preset = resolve_preset(task)
+        env_id, kwargs = preset.env_id, preset.kwargs
+    else:
+        env_id = task if "/" in task else f"vla_peft/{task}-v0"
     if env_id not in gym.registry:
         known = sorted(name for name in gym.registry if name.startswith("vla_peft/"))
-        raise ValueError(f"unknown task {task!r}; available: {known}")
-    return gym.make(env_id, image_size=image_size, cameras=tuple(cameras), terminate_on_success=True)
+        raise ValueError(f"unknown task {task!r}; available: {known}, or a preset such as metaworld/reach-v3")
+    return gym.make(env_id, **kwargs, image_size=image_size, cameras=tuple(cameras), terminate_on_success=True)
 
 
 def run_episode(env, seed: int, play: bool = False, max_steps: int | None = None) -> tuple[Episode, bool]:
@@ -100,7 +107,7 @@ def env_args_for(env, config: CollectConfig) -> dict:
 
     base = env.unwrapped
     return {
-        "env_name": env.spec.id,
+        "env_name": config.task if "/" in config.task else env.spec.id,  # a preset's name rebuilds its task
         "expert": "play" if config.play else "scripted",
         "type": "vla_peft",
         "env_kwargs": {"image_size": config.image_size, "cameras": list(config.cameras)},

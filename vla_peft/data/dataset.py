@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from vla_peft.data.augment import ImageAugment, to_float_chw
@@ -42,6 +43,9 @@ class DataConfig:
     val_fraction: float = 0.1
     split_seed: int = 0
     cache: bool = False
+    # resize camera images to this side on reading (LIBERO's files are 128 x 128; the tiny base takes 64):
+    # the file trains unchanged and the policy is then evaluated at this size. None: the file's size
+    image_size: int | None = None
     augment: bool = False
     crop_scale: float = 0.9
 
@@ -54,6 +58,8 @@ class DataConfig:
                              "or drop grounding_paths")
         if not 0 < self.grounding_fraction < 1:
             raise ValueError(f"grounding_fraction must be in (0, 1), got {self.grounding_fraction}")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"DataConfig.image_size must be a positive side in pixels or None, got {self.image_size}")
         if self.chunk_size < 1 or self.history < 1:
             raise ValueError(f"chunk_size and history must be >= 1, got {self.chunk_size} and {self.history}")
 
@@ -95,7 +101,7 @@ class DemoDataset(Dataset):
     """Samples of one or more demonstration files (each file one task).
 
     A sample is a dict:
-      images        float32 (cameras, history, 3, H, W) in [0, 1]
+      images        float32 (cameras, history, 3, H, W) in [0, 1] (H = W = config.image_size when set)
       state         float32 (history, S)   normalised concatenation of `state_keys`
       history_mask  bool (history,)        False for frames before the episode's start (copies of frame 0)
       actions       float32 (chunk, A)     normalised actions t .. t+chunk-1
@@ -235,6 +241,9 @@ class DemoDataset(Dataset):
             frames = self._read_frames(episode_number, key, slice(first, t + 1))
             frames = np.concatenate([np.repeat(frames[:1], pad_front, axis=0), frames]) if pad_front else frames
             images = to_float_chw(frames)
+            if self.config.image_size is not None and images.shape[-2:] != (self.config.image_size,) * 2:
+                images = F.interpolate(images, size=(self.config.image_size,) * 2, mode="bilinear", antialias=True,
+                                       align_corners=False).clamp_(0.0, 1.0)
             if self.augment is not None:
                 images = self.augment.train(images, generator) if self.train else self.augment.eval(images)
             cameras.append(images)

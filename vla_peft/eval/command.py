@@ -8,6 +8,8 @@ from pathlib import Path
 
 EXAMPLES = """examples:
   vla-peft eval --bundle runs/reach/bundle --task Reach --episodes 50 --seed 1000 --videos 5
+  vla-peft eval --bundle runs/mw_reach/bundle --env metaworld/reach-v3 --episodes 50
+  vla-peft eval --bundle runs/libero/bundle --env libero/libero_spatial/0 --episodes 50
   vla-peft eval --bank runs/ --tasks Reach,Push,PickPlace --episodes 20
   vla-peft eval --bundle runs/b --env-id my_pkg:Lift-v1 --env-kwargs '{"size": 64}' \\
       --key-map '{"agentview_rgb": "obs:pixels", "ee_pos": "obs:state[0:3]", "instruction": "text:lift the block"}'
@@ -52,6 +54,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--videos", type=int, help="film the first N episodes of each task (default: 0)")
     p.add_argument("--video-format", choices=("mp4", "gif"), help="video container (default: mp4)")
     p.add_argument("--max-steps", type=int, help="cap on episode length (default: the environment's time limit)")
+    p.add_argument("--env", help="a benchmark preset, no key map needed: metaworld/<task>-v3 or "
+                                 "libero/<suite>/<task index> (needs the metaworld / libero extra) (default: none)")
     p.add_argument("--env-id", help="run this registered gymnasium id instead of our task "
                                     "('module:Id-v0' imports the module first) (default: none)")
     p.add_argument("--env-kwargs", type=json_object, help="JSON keyword arguments for gymnasium.make (default: {})")
@@ -78,7 +82,7 @@ def eval_config(args: argparse.Namespace):
         values = yaml.safe_load(path.read_text()) or {}
     flags = {"episodes": args.episodes, "seed": args.seed, "num_envs": args.num_envs, "asynchronous": args.async_envs,
              "videos": args.videos, "video_format": args.video_format, "max_steps": args.max_steps,
-             "env_id": args.env_id, "env_kwargs": args.env_kwargs, "key_map": args.key_map, "out": args.out}
+             "env": args.env, "env_id": args.env_id, "env_kwargs": args.env_kwargs, "key_map": args.key_map, "out": args.out}
     values.update({k: v for k, v in flags.items() if v is not None})
     if args.no_progress:
         values["progress"] = False
@@ -112,9 +116,10 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.bundle:
         from vla_peft.policy.bundle import load_bundle
 
-        task = args.task or config.env_id
+        task = args.task or config.env or config.env_id
         if not task:
-            raise ValueError("say what to evaluate on: --task Reach (our tasks) or --env-id <gymnasium id>")
+            raise ValueError("say what to evaluate on: --task Reach (our tasks), --env metaworld/reach-v3 (a preset) "
+                             "or --env-id <gymnasium id>")
         policy = load_bundle(args.bundle, base=args.base)
         set_crop_grid([policy], args.crop_grid)
         info = evaluate([task], lambda _task: policy, config,

@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 import gymnasium as gym
 import numpy as np
 
+from envs.presets import is_preset, resolve_preset
 from vla_peft.eval.keymap import KeyMap, KeyMapError
 from vla_peft.eval.metrics import percentiles_ms, wilson_interval
 from vla_peft.eval.rollout import Timing, make_vector_env, run_episodes
@@ -39,6 +40,7 @@ class EvalConfig:
     max_steps: int | None = None     # cap on episode length (default: the env's time limit)
     asynchronous: bool = False       # AsyncVectorEnv (one spawned process per slot; the env id must be
                                      # importable there: our tasks or 'module:Id-v0') instead of SyncVectorEnv
+    env: str | None = None           # a benchmark preset (metaworld/reach-v3, libero/libero_spatial/0) for every task
     env_id: str | None = None        # any registered gymnasium id; None: our task of that name
     env_kwargs: dict = field(default_factory=dict)
     key_map: dict = field(default_factory=dict)
@@ -92,9 +94,11 @@ def env_kwargs_for(env_id: str, policy_config, given: dict, key_map: KeyMap) -> 
 
 def evaluate_task(policy, task: str, config: EvalConfig, out: Path) -> tuple[dict, list[dict], dict]:
     """Roll ``policy`` out on ``task``: (summary, per-episode rows, timing)."""
-    env_id = task_env_id(task, config.env_id)
+    preset_name = config.env or (task if is_preset(task) else None)
+    preset = resolve_preset(preset_name) if preset_name else None
+    env_id = preset.env_id if preset else task_env_id(task, config.env_id)
     key_map = KeyMap(config.key_map, list(policy.config.cameras), list(policy.config.state_keys))
-    kwargs = env_kwargs_for(env_id, policy.config, config.env_kwargs, key_map)
+    kwargs = env_kwargs_for(env_id, policy.config, {**(preset.kwargs if preset else {}), **config.env_kwargs}, key_map)
     if env_id not in gym.registry and ":" not in env_id:
         raise ValueError(f"no gymnasium environment registered as {env_id!r}; pass a registered id with --env-id "
                          "(or 'module:Id-v0' to import the module that registers it)")
@@ -116,7 +120,7 @@ def evaluate_task(policy, task: str, config: EvalConfig, out: Path) -> tuple[dic
     finally:
         vec.close()
     rows = [{"task": task, **episode.row(), "video": videos.get(episode.index)} for episode in episodes]
-    summary = {"env_id": env_id, **summarise(rows)}
+    summary = {"env_id": env_id, **({"preset": preset.name} if preset else {}), **summarise(rows)}
     return summary, rows, _timing_dict(timing, target_hz, config)
 
 
@@ -231,11 +235,12 @@ def _time_limit(vec) -> int | None:
 
 
 def _control_hz(vec) -> float | None:
-    try:
-        return float(vec.get_attr("control_hz")[0])
-    except (AttributeError, TypeError, ValueError):
-        fps = (vec.metadata or {}).get("render_fps")
-        return float(fps) if fps else None
+    """The env's control rate (every member is wrapped in ErrorAsFailure, which answers None
+    for an env without ``control_hz``), else its ``render_fps``, else None."""
+    hz = vec.get_attr("control_hz")[0]
+    if hz is None:
+        hz = (vec.metadata or {}).get("render_fps")
+    return float(hz) if hz else None
 
 
 def _safe(name: str) -> str:

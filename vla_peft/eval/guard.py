@@ -25,6 +25,12 @@ class ErrorAsFailure(gym.Wrapper):
         super().__init__(env)
         self._last_obs = None
 
+    @property
+    def control_hz(self) -> float | None:
+        """The env's control rate when it declares one (ours do), else None. Answered here because
+        asking an AsyncVectorEnv member for an attribute it lacks kills its worker process."""
+        return getattr(self.env.unwrapped, "control_hz", None)
+
     def _fallback_obs(self):
         if self._last_obs is not None:
             return self._last_obs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -40,29 +41,35 @@ class PixelNormalizer(nn.Module):
     Resized to the vision tower's size, then normalised the way the base was trained:
     per channel with its image processor's mean/std, or, when the checkpoint ships an
     ``image_norm.safetensors`` (the pretrained tiny base does), minus each camera's mean
-    scene image and divided by its std.
+    scene image and divided by its std. A camera that file has no scene mean for (a foreign
+    benchmark's ``corner``) falls back to the processor's mean/std, with one warning: our
+    tabletop's mean image would be the wrong background to subtract from another scene.
     """
 
     def __init__(self, cameras: list[str], model_size: int, processor=None, base_path: str | Path | None = None):
         super().__init__()
         self.model_size = model_size
         norm = load_image_norm(base_path) if base_path is not None else None
-        if norm is not None:
-            missing = [c for c in cameras if c not in norm.means]
-            if missing:
-                raise ValueError(f"the base's image_norm has no scene mean for camera(s) {missing} "
-                                 f"(it has {sorted(norm.means)}): use those cameras in policy.cameras")
-            means = torch.stack([norm.means[c].float() for c in cameras])
-            if means.shape[-1] != model_size:
-                means = F.interpolate(means, size=(model_size, model_size), mode="bilinear", antialias=True)
-            std = torch.full((len(cameras), 3, 1, 1), float(norm.std))
-        else:
-            mean, channel_std = image_stats(processor)
-            means = torch.tensor(mean).view(1, 3, 1, 1).expand(len(cameras), 3, 1, 1).clone()
-            std = torch.tensor(channel_std).view(1, 3, 1, 1).expand(len(cameras), 3, 1, 1).clone()
+        known = norm.means if norm is not None else {}
+        missing = [c for c in cameras if c not in known]
+        if norm is not None and missing:
+            warnings.warn(f"the base's image_norm has no scene mean for camera(s) {missing} (it has {sorted(known)}); "
+                          "they are normalised with the image processor's mean/std instead", stacklevel=2)
+        channel_mean, channel_std = image_stats(processor)
+        means, stds = [], []
+        for camera in cameras:
+            if camera in known:
+                mean = known[camera].float()[None]
+                if mean.shape[-1] != model_size:
+                    mean = F.interpolate(mean, size=(model_size, model_size), mode="bilinear", antialias=True)
+                means.append(mean[0])
+                stds.append(torch.full((3, 1, 1), float(norm.std)))
+            else:
+                means.append(torch.tensor(channel_mean).view(3, 1, 1).expand(3, model_size, model_size))
+                stds.append(torch.tensor(channel_std).view(3, 1, 1))
         self.per_pixel = norm is not None
-        self.register_buffer("mean", means, persistent=False)
-        self.register_buffer("std", std, persistent=False)
+        self.register_buffer("mean", torch.stack(means).contiguous(), persistent=False)
+        self.register_buffer("std", torch.stack(stds), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         batch, cams = images.shape[:2]
