@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vla_peft.peft.base import PeftModule, PeftWrapper, find_targets
+from vla_peft.peft.base import PeftModule, PeftWrapper, base_modules, find_targets
 from vla_peft.peft.config import MethodConfig, check_targets, register
 
 
@@ -120,6 +120,7 @@ class LoraLinear(PeftWrapper):
         self.adapters = nn.ModuleDict()
         self.active = active
         self.merged_adapter: str | None = None
+        self.train(base_layer.training)  # a wrapper put into an eval-mode model stays in eval
 
     @property
     def weight(self) -> torch.Tensor:  # code that inspects ``proj.weight`` keeps working
@@ -140,7 +141,7 @@ class LoraLinear(PeftWrapper):
             config.dropout,
             device=self.base_layer.weight.device,
         )
-        self.adapters[name] = adapter
+        self.adapters[name] = adapter.train(self.training)  # dropout off in an eval-mode model
         return adapter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,8 +181,9 @@ class LoraLinear(PeftWrapper):
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
-    """Every LoRA wrapper of ``model`` by its module path."""
-    return {path: m for path, m in model.named_modules() if isinstance(m, LoraLinear)}
+    """Every LoRA wrapper of ``model`` by its module path (a walk that does not grow with the
+    adapters resident)."""
+    return {path: m for path, m in base_modules(model) if isinstance(m, LoraLinear)}
 
 
 def is_linear(module: nn.Module) -> bool:
