@@ -105,11 +105,12 @@ def base_modules(module: nn.Module, prefix: str = ""):
             yield from base_modules(child, path)
 
 
-def freeze(model: nn.Module) -> None:
-    """Freeze the base (every parameter outside the PEFT modules, wrapped linears included) and
-    the PEFT modules the last ``inject`` made trainable. Unlike ``model.requires_grad_(False)`` it
-    does not walk every resident adapter, so adding the 50th bundle costs what adding the first did."""
-    stack = [model]
+def freeze(model: nn.Module, base: bool = True) -> None:
+    """Freeze the base (every parameter outside the PEFT modules, wrapped linears included; skipped
+    with ``base=False``, for a base known to be frozen) and the PEFT modules the last ``inject`` made
+    trainable. Unlike ``model.requires_grad_(False)`` it does not walk every resident adapter, so
+    adding the 50th bundle costs what adding the first did."""
+    stack = [model] if base else []
     while stack:
         module = stack.pop()
         for param in module._parameters.values():

@@ -65,13 +65,23 @@ class ActiveAdapter:
         self.name = name
 
 
+class LoraWeight(nn.Module):
+    """A bare (out, in) weight, named like ``nn.Linear``'s so that keys read ``lora_A.weight`` as in
+    HF peft. Not an ``nn.Linear``: that one initialises its weight in its constructor, a second
+    time over, and adding a bundle to a bank builds dozens of these."""
+
+    def __init__(self, d_out: int, d_in: int, device=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_out, d_in, device=device, dtype=torch.float32))
+
+
 class LoraAdapter(PeftModule):
     """One named low-rank update: x -> B(A(dropout(x))) * scaling, in float32."""
 
     def __init__(self, d_in: int, d_out: int, r: int, scaling: float, dropout: float, device=None) -> None:
         super().__init__()
-        self.lora_A = nn.Linear(d_in, r, bias=False, device=device, dtype=torch.float32)
-        self.lora_B = nn.Linear(r, d_out, bias=False, device=device, dtype=torch.float32)
+        self.lora_A = LoraWeight(r, d_in, device)
+        self.lora_B = LoraWeight(d_out, r, device)
         self.dropout = dropout  # a probability, applied with F.dropout: no module call per forward
         self.scaling = scaling
         # A as nn.Linear's own init (Kaiming-uniform, a=sqrt(5)), B zero: B·A = 0 at init.

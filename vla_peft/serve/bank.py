@@ -98,7 +98,7 @@ class AdapterBank:
                 policy = self._from_memory(name, bundle)
             else:
                 policy = self._from_disk(name, Path(bundle))
-            freeze(self.vlm)
+            freeze(self.vlm, base=False)  # the base was frozen above; this freezes the new adapter
             self._layers = list(lora_layers(self.vlm).values())
         self.policies[name] = _frozen_own_parts(policy)
         return policy
