@@ -101,3 +101,60 @@ def table(timings: dict[str, Timing], reference: str | None = None, unit: str = 
             noisy = noisy or not r.trusted
         lines.append(line + ("  NO: spread > {:.0f} %".format(100 * SPREAD_LIMIT) if noisy else "  yes"))
     return "\n".join(lines)
+
+
+class Worker:
+    """A row in its own subprocess (so that its peak memory is its own), kept up between rounds: its
+    command runs ``serve`` and this drives it line by line."""
+
+    def __init__(self, name: str, command: list[str]) -> None:
+        import subprocess
+
+        self.name = name
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._expect("READY")
+
+    def _expect(self, prefix: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+        raise RuntimeError(f"row {self.name} failed (exit {self.proc.wait()}); its stderr above says why")
+
+    def steps(self, count: int) -> float:
+        """Seconds per step over ``count`` steps, timed by the worker."""
+        self.proc.stdin.write(f"{count}\n")
+        self.proc.stdin.flush()
+        return float(self._expect("TIME "))
+
+    def finish(self) -> dict:
+        """The worker's closing report (``serve``'s ``report()``)."""
+        import json
+
+        self.proc.stdin.write("END\n")
+        self.proc.stdin.flush()
+        result = json.loads(self._expect("RESULT "))
+        self.proc.wait()
+        return result
+
+
+def serve(step: Callable[[], None], report: Callable[[], dict]) -> None:
+    """The worker side: say READY, answer each line ``k`` on stdin with ``TIME <seconds per step>`` over
+    k steps (timed by ``best_clock``), and ``END`` with ``RESULT <json of report()>``."""
+    import json
+    import sys
+
+    clock = best_clock()
+    print("READY", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "END":
+            break
+        count = int(line)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = clock()
+        for _ in range(count):
+            step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        print(f"TIME {(clock() - start) / count}", flush=True)
+    print("RESULT " + json.dumps(report()), flush=True)
