@@ -36,9 +36,11 @@ class Timing:
 
     @property
     def spread(self) -> float:
-        """Interquartile range over the median (0 for fewer than 4 rounds' worth of doubt)."""
-        if len(self.values) < 4:
+        """Interquartile range over the median (the full range under 4 rounds)."""
+        if len(self.values) < 2:
             return 0.0
+        if len(self.values) < 4:
+            return (max(self.values) - min(self.values)) / self.median
         q1, _, q3 = statistics.quantiles(self.values, n=4)
         return (q3 - q1) / self.median if self.median else 0.0
 
