@@ -7,9 +7,10 @@ On the tiny base, with 1, 10 and 50 LoRA task bundles resident, it times
             peft: ``load_adapter``)
 and the resident memory each extra bundle adds, beside the bytes of the bundle's own tensors.
 Targets (issue 7): unmerged switch <= 0.1 ms and flat in the number of bundles; an extra bundle
-costs only its own parameters.
+costs only its own parameters. Issue 21: a load <= 10 ms at every N, N = 1, 10, 50 within 20 %.
+All nine rows (three contenders x three N) take turns, round after round (bench/interleave.py).
 
-    PYTHONPATH=. python bench/swap.py [--reps 200] [--threads 1]
+    PYTHONPATH=. python bench/swap.py [--reps 200] [--rounds 7] [--threads 1]
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_bundles import make_bundles  # noqa: E402
+
+from interleave import SPREAD_LIMIT, best_clock, interleave  # noqa: E402
 
 from vla_peft.models import load_vlm, save_tiny_llava  # noqa: E402
 from vla_peft.serve import AdapterBank  # noqa: E402
@@ -55,60 +58,69 @@ def bundle_bytes(path: Path) -> int:
     return file_tensor_bytes(path / "adapter" / "adapter_model.safetensors") + file_tensor_bytes(path / "policy.safetensors")
 
 
-def time_calls(call, names: list[str], reps: int, before=None) -> tuple[float, float]:
-    """Median and p95 in milliseconds of ``call(name)`` cycling through ``names``."""
+def per_call(call, names: list[str], reps: int, before=None) -> float:
+    """Median seconds of ``call(name)`` cycling through ``names`` (``before`` runs untimed ahead of each)."""
     times = []
     for i in range(reps):
         if before is not None:
             before()
-        name = names[i % len(names)]
         start = time.perf_counter_ns()
-        call(name)
-        times.append((time.perf_counter_ns() - start) / 1e6)
-    times.sort()
-    return statistics.median(times), times[int(0.95 * (len(times) - 1))]
+        call(names[i % len(names)])
+        times.append((time.perf_counter_ns() - start) / 1e9)
+    return statistics.median(times)
 
 
-def bench_bank(base: Path, paths: list[Path], mode: str, reps: int) -> list[dict]:
-    bank = AdapterBank.from_base(base, mode=mode)
-    rows, loads = [], []
-    for count in COUNTS:
-        while len(bank.names) < count:
-            start = time.perf_counter()
-            bank.register(f"task_{len(bank.names):03d}", paths[len(bank.names)])
-            loads.append((time.perf_counter() - start) * 1e3)
-        before = bank.unmerge_all if count == 1 else None
-        median, p95 = time_calls(bank.activate, bank.names, reps if mode == "unmerged" else max(20, reps // 10), before)
-        rows.append({"who": f"ours {mode}", "n": count, "switch": median, "switch_p95": p95,
-                     "load": statistics.median(loads[-max(1, count // 2):]),
-                     "bytes": resident_bytes(bank.vlm, *bank.policies.values())})
-    bank.unmerge_all()
-    return rows
+class Ours:
+    """An AdapterBank holding ``count`` bundles; ``load`` adds one more, ``switch`` times activations."""
+
+    def __init__(self, base: Path, paths: list[Path], mode: str, count: int) -> None:
+        self.bank, self.paths, self.mode = AdapterBank.from_base(base, mode=mode), paths, mode
+        self.switch_names = [self.add() for _ in range(count)]
+
+    def add(self) -> str:
+        name = f"task_{len(self.bank.names):03d}"
+        self.bank.register(name, self.paths[len(self.bank.names) % len(self.paths)])
+        return name
+
+    def switch(self, reps: int) -> float:
+        names = self.switch_names
+        before = self.bank.unmerge_all if len(names) == 1 else None  # with one bundle: from nothing active
+        return per_call(self.bank.activate, names, reps if self.mode == "unmerged" else max(20, reps // 10), before)
+
+    def resident(self) -> int:
+        return resident_bytes(self.bank.vlm, *self.bank.policies.values())
 
 
-def bench_peft(base: Path, paths: list[Path], reps: int) -> list[dict]:
-    from peft import PeftModel
+class Peft:
+    """HF peft's PeftModel with ``count`` adapters; ``load`` is ``load_adapter``, ``switch`` ``set_adapter``."""
 
-    vlm, _ = load_vlm(base)
-    model = PeftModel.from_pretrained(vlm, str(paths[0] / "adapter"), adapter_name="task_000")
-    names, rows, loads = ["task_000"], [], []
-    for count in COUNTS:
-        while len(names) < count:
-            name = f"task_{len(names):03d}"
-            start = time.perf_counter()
-            model.load_adapter(str(paths[len(names)] / "adapter"), adapter_name=name)
-            loads.append((time.perf_counter() - start) * 1e3)
-            names.append(name)
-        median, p95 = time_calls(model.set_adapter, names, max(20, reps // 4))
-        rows.append({"who": "HF peft", "n": count, "switch": median, "switch_p95": p95,
-                     "load": statistics.median(loads[-max(1, count // 2):]) if loads else float("nan"),
-                     "bytes": resident_bytes(model)})
-    return rows
+    def __init__(self, base: Path, paths: list[Path], count: int) -> None:
+        from peft import PeftModel
+
+        self.paths = paths
+        self.model = PeftModel.from_pretrained(load_vlm(base)[0], str(paths[0] / "adapter"), adapter_name="task_000")
+        self.names = ["task_000"]
+        while len(self.names) < count:
+            self.add()
+        self.switch_names = list(self.names)
+
+    def add(self) -> str:
+        name = f"task_{len(self.names):03d}"
+        self.model.load_adapter(str(self.paths[len(self.names) % len(self.paths)] / "adapter"), adapter_name=name)
+        self.names.append(name)
+        return name
+
+    def switch(self, reps: int) -> float:
+        return per_call(self.model.set_adapter, self.switch_names, max(20, reps // 4))
+
+    def resident(self) -> int:
+        return resident_bytes(self.model)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=200, help="timed switches per row (default: 200)")
+    parser.add_argument("--reps", type=int, default=200, help="switches per round and row (default: 200)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds: loads and switch batches per row (default: 7)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads for every row (default: 1, steadier on a shared machine)")
     args = parser.parse_args()
@@ -118,26 +130,37 @@ def main() -> None:
         base = save_tiny_llava(Path(tmp) / "base", seed=0)
         paths = make_bundles(base, Path(tmp) / "bundles", max(COUNTS))
         own = bundle_bytes(paths[0])
-        rows = bench_bank(base, paths, "unmerged", args.reps) + bench_bank(base, paths, "merged", args.reps)
-        rows += bench_peft(base, paths, args.reps)
+        rows = {(who, n): make(n) for n in COUNTS for who, make in (
+            ("ours unmerged", lambda n: Ours(base, paths, "unmerged", n)),
+            ("ours merged", lambda n: Ours(base, paths, "merged", n)),
+            ("HF peft", lambda n: Peft(base, paths, n)))}
+        resident = {key: row.resident() for key, row in rows.items()}
+        switch = interleave({key: (lambda row=row: row.switch(args.reps)) for key, row in rows.items()}, args.rounds,
+                            clock=time.perf_counter)
+        load = interleave({key: row.add for key, row in rows.items()}, args.rounds, warmup=0)
 
-    print(f"\nswitch latency with N LoRA bundles resident (tiny base; a bundle's own tensors: {own / 1024:.1f} KiB)")
-    print(f"{'':<15} {'N':>3} {'switch ms':>10} {'p95 ms':>9} {'load ms':>9} {'resident MiB':>13}")
-    for row in rows:
-        print(f"{row['who']:<15} {row['n']:>3} {row['switch']:>10.4f} {row['switch_p95']:>9.4f} "
-              f"{row['load']:>9.2f} {row['bytes'] / 2**20:>13.2f}")
+    print(f"\nswitch and load with N LoRA bundles resident (tiny base; a bundle's own tensors: {own / 1024:.1f} KiB); "
+          f"{args.rounds} interleaved rounds; load timed by {best_clock().__name__}, the k-th round's load finds N+k-1 resident")
+    print(f"{'':<15} {'N':>3} {'switch us':>10} {'spread':>7} {'load ms':>8} {'min':>7} {'spread':>7} {'resident MiB':>13}  trust")
+    for (who, n), t in load.items():
+        s = switch[who, n]
+        trust = "yes" if t.trusted and s.trusted else f"NO: spread > {100 * SPREAD_LIMIT:.0f} %"
+        print(f"{who:<15} {n:>3} {s.median * 1e6:>10.2f} {100 * s.spread:>6.1f}% {t.median * 1e3:>8.2f} {t.min * 1e3:>7.2f} "
+              f"{100 * t.spread:>6.1f}% {resident[who, n] / 2**20:>13.2f}  {trust}")
     print("\nresident memory per extra bundle (N=10 -> 50), beside the bundle's own tensors:")
     for who in ("ours unmerged", "ours merged", "HF peft"):
-        by_n = {r["n"]: r for r in rows if r["who"] == who}
-        extra = (by_n[50]["bytes"] - by_n[10]["bytes"]) / 40
+        extra = (resident[who, 50] - resident[who, 10]) / 40
         note = "LoRA only; peft keeps no head" if who == "HF peft" else "LoRA + head + queries + proprio"
         print(f"  {who:<15} {extra / 1024:8.1f} KiB per bundle ({note}; own tensors {own / 1024:.1f} KiB)")
-    unmerged = {r["n"]: r["switch"] for r in rows if r["who"] == "ours unmerged"}
-    peft = {r["n"]: r["switch"] for r in rows if r["who"] == "HF peft"}
-    flat = max(unmerged.values()) <= 0.1
-    print(f"\ntarget unmerged switch <= 0.1 ms at every N: {'met' if flat else 'NOT met'} "
-          f"({', '.join(f'N={n}: {v * 1000:.1f} us' for n, v in unmerged.items())}); "
-          f"HF peft set_adapter is {peft[50] / unmerged[50]:.0f}x slower at N=50")
+    switches = {n: switch["ours unmerged", n].median for n in COUNTS}
+    loads = {n: load["ours unmerged", n].median for n in COUNTS}
+    flat = max(loads.values()) <= 1.2 * min(loads.values())
+    print(f"\ntarget unmerged switch <= 0.1 ms at every N: {'met' if max(switches.values()) <= 1e-4 else 'NOT met'} "
+          f"({', '.join(f'N={n}: {v * 1e6:.1f} us' for n, v in switches.items())}); HF peft set_adapter is "
+          f"{switch['HF peft', 50].median / switches[50]:.0f}x slower at N=50")
+    print(f"target load <= 10 ms at every N: {'met' if max(loads.values()) <= 0.010 else 'NOT met'}; flat within 20 %: "
+          f"{'met' if flat else 'NOT met'} ({', '.join(f'N={n}: {v * 1e3:.1f} ms' for n, v in loads.items())}, "
+          f"max/min {max(loads.values()) / min(loads.values()):.2f})")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """Training throughput and peak memory per PEFT method on the tiny VLM, beside a hand-wired
 HF peft + transformers LoRA baseline, in one run.
 
-    python bench/train_speed.py [--batch 16] [--steps 10]
+    python bench/train_speed.py [--batch 16] [--rounds 12] [--steps 3] [--threads 1]
 
 Each row runs in its own subprocess so that peak memory (max RSS on the CPU, max allocated
-on a GPU) belongs to that row alone. Every row trains the same thing: two 64x64 cameras, an
+on a GPU) belongs to that row alone. The subprocesses stay up and take turns: each round asks
+every row for ``--steps`` timed steps, one row after another (bench/interleave.py), so load from
+other jobs hits all rows alike; the table gives median, min and spread of each row's seconds per
+step and of its per-round ratio to hf-peft-lora, and flags rows too noisy to trust. On one thread
+a step is timed by the worker thread's CPU time. Every row trains the same thing: two 64x64 cameras, an
 instruction, a chunk of 8 four-dimensional actions, L1 loss, AdamW. Ours goes through
 VLAPolicy (tensor preprocessing, one forward per chunk); the baseline is what a user wires
 by hand: the LLaVA processor on PIL images in the loop, `peft.get_peft_model` with the same
@@ -16,16 +20,16 @@ timing, to separate the model's speed from the preprocessing's.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from interleave import Worker, best_clock, interleave, ratio, serve, table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["lora", "qlora", "adapter", "prefix", "prompt"]
@@ -49,16 +53,7 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_steps(step, steps: int) -> float:
-    for _ in range(3):  # warm-up
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
-
-
-def ours(method: str, base: Path, batch_size: int, steps: int) -> dict:
+def ours(method: str, base: Path, batch_size: int):
     from vla_peft.data.stats import Normalizer, compute_stats
     from vla_peft.peft.config import load_method_config
     from vla_peft.policy import PolicyConfig, VLAPolicy
@@ -79,10 +74,10 @@ def ours(method: str, base: Path, batch_size: int, steps: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return {"seconds_per_step": time_steps(step, steps), "trainable": sum(p.numel() for p in params)}
+    return step, sum(p.numel() for p in params)
 
 
-def hf_peft_baseline(base: Path, batch_size: int, steps: int, preprocess_in_loop: bool = True) -> dict:
+def hf_peft_baseline(base: Path, batch_size: int, preprocess_in_loop: bool = True):
     import peft
     import yaml
     from PIL import Image
@@ -120,54 +115,62 @@ def hf_peft_baseline(base: Path, batch_size: int, steps: int, preprocess_in_loop
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return {"seconds_per_step": time_steps(step, steps), "trainable": sum(p.numel() for p in params)}
+    return step, sum(p.numel() for p in params)
 
 
-def run_one(name: str, base: Path, batch_size: int, steps: int, threads: int | None) -> None:
+def serve_one(name: str, base: Path, batch_size: int, threads: int | None) -> None:
+    """A row's worker: build, warm up, then take turns with the other rows (interleave.serve)."""
     torch.set_flush_denormal(True)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     if name.startswith("hf-peft-lora"):
-        result = hf_peft_baseline(base, batch_size, steps, preprocess_in_loop=name == "hf-peft-lora")
+        step, trainable = hf_peft_baseline(base, batch_size, preprocess_in_loop=name == "hf-peft-lora")
     else:
-        result = ours(name, base, batch_size, steps)
-    result.update(samples_per_s=batch_size / result["seconds_per_step"], peak_mb=peak_memory_mb())
-    print("RESULT " + json.dumps(result))
+        step, trainable = ours(name, base, batch_size)
+    for _ in range(3):
+        step()
+    serve(step, lambda: {"trainable": trainable, "peak_mb": peak_memory_mb()})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=12, help="interleaved rounds (default: 12)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per row and round (default: 3)")
     parser.add_argument("--base", default=None, help="a base checkpoint (default: the tiny LLaVA, built here)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a busy machine)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per row (default: 1, steady on a busy machine)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        return run_one(args.one, Path(args.base), args.batch, args.steps, args.threads)
+        return serve_one(args.one, Path(args.base), args.batch, args.threads)
+    names = ["hf-peft-lora", "hf-peft-lora-pre", *METHODS]
     with tempfile.TemporaryDirectory() as tmp:
         base = args.base
         if base is None:
             from vla_peft.models import save_tiny_llava
 
             base = save_tiny_llava(Path(tmp) / "tiny", seed=0)
-        rows = {}
-        threads = ["--threads", str(args.threads)] if args.threads else []
-        for name in ["hf-peft-lora", "hf-peft-lora-pre", *METHODS]:
-            out = subprocess.run([sys.executable, __file__, "--one", name, "--base", str(base), "--batch",
-                                  str(args.batch), "--steps", str(args.steps), *threads], capture_output=True, text=True)
-            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if not line:
-                raise RuntimeError(f"{name} failed:\n{out.stderr[-2000:]}")
-            rows[name] = json.loads(line[0][7:])
-    ref = rows["hf-peft-lora"]["samples_per_s"]
-    device = "cuda" if torch.cuda.is_available() else f"cpu, {args.threads or torch.get_num_threads()} thread(s)"
-    print(f"batch {args.batch}, {args.steps} timed steps, {device}")
-    print(f"{'method':<17} {'trainable':>10} {'samples/s':>10} {'vs hf-peft':>11} {'peak MB':>9}")
-    for name, r in rows.items():
-        print(f"{name:<17} {r['trainable']:>10,} {r['samples_per_s']:>10.1f} {r['samples_per_s'] / ref:>10.2f}x "
-              f"{r['peak_mb']:>9.0f}")
+        workers = {}
+        try:
+            for name in names:  # one after another: their start-up would otherwise be timed against each other
+                workers[name] = Worker(name, [sys.executable, __file__, "--one", name, "--base", str(base), "--batch",
+                                              str(args.batch), "--threads", str(args.threads)])
+            times = interleave({name: (lambda w=w: w.steps(args.steps)) for name, w in workers.items()}, args.rounds,
+                               warmup=0)
+            results = {name: w.finish() for name, w in workers.items()}
+        finally:
+            for w in workers.values():
+                w.proc.kill()
+    torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else f"cpu, {args.threads} thread(s) per row, timed by {best_clock().__name__}"
+    print(f"batch {args.batch}, {args.rounds} interleaved rounds x {args.steps} steps per row, {device}")
+    print(table(times, "hf-peft-lora", unit="s", scale=1.0, label="method (s per step)"))
+    print(f"\n{'method':<17} {'trainable':>10} {'samples/s':>10} {'vs hf-peft':>11} {'peak MB':>9}")
+    for name in names:
+        speedup = 1.0 / ratio(times[name], times["hf-peft-lora"]).median
+        print(f"{name:<17} {results[name]['trainable']:>10,} {args.batch / times[name].median:>10.1f} {speedup:>10.2f}x "
+              f"{results[name]['peak_mb']:>9.0f}")
 
 
 if __name__ == "__main__":

@@ -180,6 +180,17 @@ def test_second_adapter_is_the_only_trainable_one(model):
     assert report.trainable == 2 * (128 + 256)
 
 
+def test_adapters_added_to_an_eval_model_are_in_eval(model):
+    """A bank adds adapters to an eval-mode base: their dropout must stay off, without a model-wide .eval()."""
+    model.eval()
+    inject(model, LoraConfig(r=4, dropout=0.5))
+    inject(model, LoraConfig(r=4, dropout=0.5), adapter_name="b")
+    randomise_lora(model)
+    assert not any(m.training for m in model.modules())
+    inputs = vlm_inputs(model)
+    torch.testing.assert_close(logits(model, inputs), logits(model, inputs), rtol=0, atol=0)
+
+
 def test_disable_gives_base_output(model):
     inputs = vlm_inputs(model)
     base = logits(model, inputs)

@@ -80,6 +80,17 @@ def test_unmerged_switch_touches_no_weight(tiny_llava_dir, bundles):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_registered_bundles_are_frozen_and_in_eval(tiny_llava_dir, bundles):
+    """register freezes and evals only the new parts (no walk over the resident adapters): check all of it."""
+    bank = AdapterBank.from_base(tiny_llava_dir)
+    for name in ("A", "B", "H"):
+        bank.register(name, bundles[name])
+    modules = [*bank.vlm.modules(), *(m for policy in bank.policies.values() for m in policy.modules())]
+    assert not any(m.training for m in modules)
+    assert not any(p.requires_grad for m in modules for p in m.parameters(recurse=False))
+    assert len(lora_layers(bank.vlm)) > 0 and all(set(layer.adapters) == {"A", "B"} for layer in lora_layers(bank.vlm).values())
+
+
 def test_merged_switch_a_b_a_and_weights_restored(tiny_llava_dir, bundles, obs):
     bank = AdapterBank.from_base(tiny_llava_dir, mode="merged")
     bank.register("A", bundles["A"])

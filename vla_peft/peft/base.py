@@ -67,13 +67,13 @@ def find_targets(
     because a silent no-match would train nothing and look like a bad run.
     """
     roots = scope_modules(model)
-    root_path = {id(root): path for path, root in model.named_modules()}
+    root_path = {id(module): path for path, module in base_modules(model)}
     found: list[Target] = []
     seen: set[int] = set()
     for scope, patterns in targets.items():
         root = roots[scope]
         prefix = root_path[id(root)]
-        candidates = [(name, module) for name, module in _base_modules(root) if accept(module)]
+        candidates = [(name, module) for name, module in base_modules(root) if accept(module)]
         for pattern in patterns:
             regex = re.compile(pattern)
             hits = [(name, module) for name, module in candidates if regex.fullmatch(name)]
@@ -92,12 +92,30 @@ def find_targets(
     return found
 
 
-def _base_modules(module: nn.Module, prefix: str = ""):
-    """``named_modules`` without the PEFT modules and without the insides of wrappers."""
+def base_modules(module: nn.Module, prefix: str = ""):
+    """``named_modules`` without the PEFT modules and without the insides of wrappers (the root
+    itself not included). Its cost does not grow with the adapters a model holds, which is why
+    the load path walks this rather than ``named_modules``."""
     for name, child in module.named_children():
         path = f"{prefix}.{name}" if prefix else name
         if isinstance(child, PeftModule):
             continue
         yield path, child
         if not isinstance(child, PeftWrapper):
-            yield from _base_modules(child, path)
+            yield from base_modules(child, path)
+
+
+def freeze(model: nn.Module, base: bool = True) -> None:
+    """Freeze the base (every parameter outside the PEFT modules, wrapped linears included; skipped
+    with ``base=False``, for a base known to be frozen) and the PEFT modules the last ``inject`` made
+    trainable. Unlike ``model.requires_grad_(False)`` it does not walk every resident adapter, so
+    adding the 50th bundle costs what adding the first did."""
+    stack = [model] if base else []
+    while stack:
+        module = stack.pop()
+        for param in module._parameters.values():
+            if param is not None:
+                param.requires_grad_(False)
+        stack.extend(child for child in module._modules.values() if child is not None and not isinstance(child, PeftModule))
+    for module in getattr(model, "peft_trainable", ()):
+        module.requires_grad_(False)

@@ -6,18 +6,21 @@ import importlib
 
 from torch import nn
 
-from vla_peft.peft.base import PeftModule
+from vla_peft.peft.base import PeftModule, freeze
 from vla_peft.peft.config import MethodConfig
 from vla_peft.peft.lora import LoraConfig, inject_lora, refuse_if_merged
 from vla_peft.peft.report import ParameterReport, parameter_report
 
 
-def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default") -> ParameterReport:
+def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default",
+           report: bool = True) -> ParameterReport | None:
     """Freeze all of ``model``, add ``config``'s modules under ``adapter_name`` and make only
     them trainable. Injecting a second LoRA config under a new name adds a second adapter to
     the same layers and makes it the active (and only trainable) one.
 
     The config is recorded as ``model.peft_config_vla[adapter_name]`` so that it can be saved.
+    Returns the parameter report, or None with ``report=False``: counting walks every parameter,
+    resident adapters included, so loading many bundles (AdapterBank) skips it.
     """
     configs = getattr(model, "peft_config_vla", None) or {}
     if adapter_name in configs:
@@ -26,12 +29,13 @@ def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default"
             "pass another adapter_name"
         )
     modules = _inject_method(model, config, adapter_name)
-    model.requires_grad_(False)
+    freeze(model)
     for module in modules:
         module.adapter_name = adapter_name
         module.requires_grad_(True)
+    model.peft_trainable = modules  # what the next freeze (or inject) must freeze again
     model.peft_config_vla = {**configs, adapter_name: config}
-    return parameter_report(model)
+    return parameter_report(model) if report else None
 
 
 # The other methods live in their own modules, imported on first use:

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vla_peft.peft.base import find_targets, scope_modules
+from vla_peft.peft.base import base_modules, find_targets, scope_modules
 from vla_peft.peft.config import load_method_config
 from vla_peft.peft.inject import inject, peft_modules
 from vla_peft.peft.lora import LoraConfig, is_4bit, is_linear, lora_layers, refuse_if_merged
@@ -70,10 +70,12 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     return path
 
 
-def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> ParameterReport:
+def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default",
+                 report: bool = True) -> ParameterReport | None:
     """Inject the adapter saved at ``path`` into ``model`` under ``adapter_name`` and fill in its
     weights. Works for our directories and for LoRA directories saved by HF peft. Refuses,
-    before touching the model where it can, an adapter made for a different base."""
+    before touching the model where it can, an adapter made for a different base. Returns the
+    parameter report (None with ``report=False``, which keeps a load's cost flat; see ``inject``)."""
     path = Path(path)
     if not (path / WEIGHTS).is_file():
         raise FileNotFoundError(f"{path} is not an adapter directory: {WEIGHTS} is missing")
@@ -90,14 +92,14 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         raise FileNotFoundError(f"{path} has neither {OURS} nor {PEFT_CONFIG}; it was not written by save_adapter or peft")
 
     if isinstance(config, LoraConfig):
-        return _load_lora(model, config, tensors, fingerprint, adapter_name, path)
-    report = inject(model, config, adapter_name)
+        return _load_lora(model, config, tensors, fingerprint, adapter_name, path, report)
+    counts = inject(model, config, adapter_name, report=report)
     params = {f"{p}.{n}": param for p, m in peft_modules(model, adapter_name).items() for n, param in m.named_parameters()}
     _check_keys(set(params), tensors, path)
     with torch.no_grad():
         for key, param in params.items():
             param.copy_(tensors[key])
-    return report
+    return counts
 
 
 def base_fingerprint(model: nn.Module, targets: dict[str, list[int]]) -> dict:
@@ -114,7 +116,7 @@ def base_fingerprint(model: nn.Module, targets: dict[str, list[int]]) -> dict:
     }
 
 
-def _load_lora(model, config, tensors, fingerprint, adapter_name, path) -> ParameterReport:
+def _load_lora(model, config, tensors, fingerprint, adapter_name, path, report) -> ParameterReport | None:
     found = {t.path: t.module for t in find_targets(model, config.targets, accept=is_linear, kind="linear")}
     bases = {p: getattr(m, "base_layer", m) for p, m in found.items()}
     shapes = {p: _linear_shape(b) for p, b in bases.items()}
@@ -123,7 +125,7 @@ def _load_lora(model, config, tensors, fingerprint, adapter_name, path) -> Param
     # An adapter trained over NF4 loads onto a full-precision base and the other way round.
     config = dataclasses.replace(config, load_in_4bit=all(is_4bit(b) for b in bases.values()))
     _check_keys({f"{PEFT_PREFIX}{p}.lora_{x}.weight" for p in shapes for x in "AB"}, tensors, path)
-    report = inject(model, config, adapter_name)
+    counts = inject(model, config, adapter_name, report=report)
     layers = lora_layers(model)
     with torch.no_grad():
         for p in shapes:
@@ -136,7 +138,7 @@ def _load_lora(model, config, tensors, fingerprint, adapter_name, path) -> Param
                         f"{list(linear.weight.shape)}; the file and its config disagree"
                     )
                 linear.weight.copy_(value)
-    return report
+    return counts
 
 
 def _linear_shape(linear: nn.Module) -> list[int]:
@@ -185,7 +187,7 @@ def _config_from_peft(model: nn.Module, peft: dict, tensors: dict[str, torch.Ten
     for key in _PEFT_UNSET:
         if peft.get(key):
             raise ValueError(f"{path}/{PEFT_CONFIG} sets {key}; vla_peft does not support it for LoRA")
-    root_path = {id(m): p for p, m in model.named_modules()}
+    root_path = {id(m): p for p, m in base_modules(model)}
     scope_prefix = {scope: root_path[id(root)] + "." for scope, root in scope_modules(model).items()}
     targets: dict[str, list[str]] = {}
     for module_path in sorted(_lora_shapes_from_tensors(tensors)):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vla_peft.peft.base import PeftModule, PeftWrapper, find_targets
+from vla_peft.peft.base import PeftModule, PeftWrapper, base_modules, find_targets
 from vla_peft.peft.config import MethodConfig, check_targets, register
 
 
@@ -65,23 +65,45 @@ class ActiveAdapter:
         self.name = name
 
 
+class LoraWeight(nn.Module):
+    """A bare (out, in) weight, named like ``nn.Linear``'s so that keys read ``lora_A.weight`` as in
+    HF peft. Not an ``nn.Linear``: that one initialises its weight in its constructor, a second
+    time over, and adding a bundle to a bank builds dozens of these."""
+
+    def __init__(self, d_out: int, d_in: int, device=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_out, d_in, device=device, dtype=torch.float32))
+
+
 class LoraAdapter(PeftModule):
     """One named low-rank update: x -> B(A(dropout(x))) * scaling, in float32."""
 
     def __init__(self, d_in: int, d_out: int, r: int, scaling: float, dropout: float, device=None) -> None:
         super().__init__()
-        self.lora_A = nn.Linear(d_in, r, bias=False, device=device, dtype=torch.float32)
-        self.lora_B = nn.Linear(r, d_out, bias=False, device=device, dtype=torch.float32)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = LoraWeight(r, d_in, device)
+        self.lora_B = LoraWeight(d_out, r, device)
+        self.dropout = dropout  # a probability, applied with F.dropout: no module call per forward
         self.scaling = scaling
         # A as nn.Linear's own init (Kaiming-uniform, a=sqrt(5)), B zero: B·A = 0 at init.
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout, training=True)
         # Scaling the (tokens, r) intermediate rather than the (tokens, d_out) output makes the
         # elementwise pass d_out/r times smaller, forward and backward, and saves nothing extra.
-        return F.linear(F.linear(self.dropout(x), self.lora_A.weight) * self.scaling, self.lora_B.weight)
+        return F.linear(F.linear(x, self.lora_A.weight) * self.scaling, self.lora_B.weight)
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``out + forward(x)`` in two ops instead of four: the scaling, the second matmul and the
+        sum are one ``addmm`` (same maths; float rounding may differ in the last bit)."""
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout, training=True)
+        h = F.linear(x, self.lora_A.weight)
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.weight.t(),
+                           alpha=self.scaling)
+        return flat.view(out.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """The update as a dense (d_out, d_in) matrix."""
@@ -120,6 +142,7 @@ class LoraLinear(PeftWrapper):
         self.adapters = nn.ModuleDict()
         self.active = active
         self.merged_adapter: str | None = None
+        self.train(base_layer.training)  # a wrapper put into an eval-mode model stays in eval
 
     @property
     def weight(self) -> torch.Tensor:  # code that inspects ``proj.weight`` keeps working
@@ -140,11 +163,14 @@ class LoraLinear(PeftWrapper):
             config.dropout,
             device=self.base_layer.weight.device,
         )
-        self.adapters[name] = adapter
+        self.adapters[name] = adapter.train(self.training)  # dropout off in an eval-mode model
         return adapter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
+        # Called once per layer per forward, so it does no more Python than it must: the adapter is
+        # applied by a plain method (no module __call__ and its hook checks) in two ops, which at
+        # batch 1 is most of what unmerged LoRA costs beyond its two small matmuls.
+        out = self._base_forward(x)
         name = self.active.name
         if self.merged_adapter is not None:
             if name != self.merged_adapter or not self.adapters[name].enabled:
@@ -156,9 +182,18 @@ class LoraLinear(PeftWrapper):
         adapter = self.adapters._modules.get(name) if name is not None else None
         if adapter is None or not adapter.enabled:
             return out
-        if x.dtype != torch.float32:
-            return out + adapter(x.float()).to(out.dtype)
-        return out + adapter(x)
+        if x.dtype != torch.float32 or out.dtype != torch.float32:
+            return out + adapter.forward(x.float()).to(out.dtype)
+        return adapter.add_to(out, x)
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen linear's output. A plain ``nn.Linear`` with no hooks of its own (nor a patched
+        ``forward``, as accelerate's offloading installs) is applied with ``F.linear`` directly: the
+        same op without a second module call per layer (global module hooks are not run for it)."""
+        base = self.base_layer
+        if type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__):
+            return F.linear(x, base.weight, base.bias)
+        return base(x)
 
     def merge(self, name: str) -> None:
         """Add adapter ``name``'s update into the base weight (full-precision bases only)."""
@@ -180,8 +215,9 @@ class LoraLinear(PeftWrapper):
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
-    """Every LoRA wrapper of ``model`` by its module path."""
-    return {path: m for path, m in model.named_modules() if isinstance(m, LoraLinear)}
+    """Every LoRA wrapper of ``model`` by its module path (a walk that does not grow with the
+    adapters resident)."""
+    return {path: m for path, m in base_modules(model) if isinstance(m, LoraLinear)}
 
 
 def is_linear(module: nn.Module) -> bool:

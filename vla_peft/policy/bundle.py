@@ -146,9 +146,10 @@ def read_own_files(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return state, normalizers
 
 
-def check_base(manifest: dict, vlm: nn.Module, path: Path) -> None:
-    """Refuse a base the bundle was not trained on, naming what differs."""
-    expected, here = manifest["base"]["fingerprint"], base_fingerprint(vlm)
+def check_base(manifest: dict, vlm: nn.Module, path: Path, fingerprint: dict | None = None) -> None:
+    """Refuse a base the bundle was not trained on, naming what differs. ``fingerprint``: the
+    base's, computed once by a caller that loads many bundles onto it."""
+    expected, here = manifest["base"]["fingerprint"], fingerprint or base_fingerprint(vlm)
     diffs = [f"{k}: bundle {expected.get(k)!r} vs base {here[k]!r}" for k in here if expected.get(k) != here[k]]
     if diffs:
         raise BundleMismatchError(

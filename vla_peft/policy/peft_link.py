@@ -23,6 +23,13 @@ def inject_method(model: nn.Module, method_config) -> object:
     return inject(model, method_config)
 
 
+def freeze_vlm(model: nn.Module) -> None:
+    """Freeze the VLM and its PEFT modules without walking every resident adapter (see peft.base.freeze)."""
+    from vla_peft.peft.base import freeze
+
+    freeze(model)
+
+
 def save_method(model: nn.Module, directory: Path) -> None:
     """Write the injected PEFT weights (LoRA in HF peft's format) to ``directory``."""
     from vla_peft.peft.io import save_adapter
@@ -30,8 +37,9 @@ def save_method(model: nn.Module, directory: Path) -> None:
     save_adapter(model, directory)
 
 
-def load_method_weights(model: nn.Module, directory: Path) -> None:
-    """Read PEFT weights saved by ``save_method`` into an already injected model."""
+def load_method_weights(model: nn.Module, directory: Path, adapter_name: str = "default") -> None:
+    """Inject the PEFT method saved by ``save_method`` and read its weights (no parameter report:
+    counting would walk every resident adapter)."""
     from vla_peft.peft.io import load_adapter
 
-    load_adapter(model, directory)
+    load_adapter(model, directory, adapter_name=adapter_name, report=False)

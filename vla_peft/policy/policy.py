@@ -28,7 +28,7 @@ from vla_peft.policy.flow import FlowHead
 from vla_peft.policy.heads import ContinuousHead, DiscreteHead
 from vla_peft.policy.image import PixelNormalizer, check_size
 from vla_peft.policy.observation import MAX_INSTRUCTION_CHARS, check_actions, check_observation
-from vla_peft.policy.peft_link import inject_method
+from vla_peft.policy.peft_link import freeze_vlm, inject_method
 
 PROMPT_CACHE_SIZE = 4096  # tokenised prompts kept (a task has a handful of instructions)
 AUX_RANGE = 3.0  # aux targets are clamped to [-3, 3] normalised (mean/std) units
@@ -43,7 +43,7 @@ class VLAPolicy(nn.Module):
             raise ValueError("policy config: aux_keys are set but aux_dim is not (training fills it from the dataset)")
         self.config, self.processor, self.method_config = config, processor, method_config
         self.vlm = vlm
-        vlm.requires_grad_(False)
+        freeze_vlm(vlm)
         self.peft_report = inject_method(vlm, method_config) if method_config is not None else None
         self.tokenizer = getattr(processor, "tokenizer", processor)
         if self.tokenizer is None:

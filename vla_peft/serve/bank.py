@@ -22,6 +22,7 @@ from pathlib import Path
 from torch import nn
 
 from vla_peft.peft import LoraConfig, inject, load_adapter
+from vla_peft.peft.base import freeze
 from vla_peft.peft.lora import is_4bit, lora_layers
 from vla_peft.policy import PolicyConfig, VLAPolicy
 from vla_peft.policy.bundle import base_fingerprint, check_base, read_manifest, read_own_files
@@ -49,6 +50,7 @@ class AdapterBank:
         self.active: str | None = None
         self.failed: dict[str, str] = {}  # bundles a loader could not register: name -> why (the server reports them)
         self._layers = list(lora_layers(vlm).values())  # walked once here, not at every switch
+        self._fingerprint = base_fingerprint(vlm)  # the frozen base's hash, computed once, not per load
 
     @classmethod
     def from_base(cls, base: str | Path, dtype: str = "float32", load_in_4bit: bool = False,
@@ -95,15 +97,14 @@ class AdapterBank:
                 policy = self._from_memory(name, bundle)
             else:
                 policy = self._from_disk(name, Path(bundle))
-            policy.requires_grad_(False)
-            self.vlm.requires_grad_(False)
+            freeze(self.vlm, base=False)  # the base was frozen above; this freezes the new adapter
             self._layers = list(lora_layers(self.vlm).values())
-        self.policies[name] = policy.eval()
+        self.policies[name] = _frozen_own_parts(policy)
         return policy
 
     def _from_disk(self, name: str, path: Path) -> VLAPolicy:
         manifest = read_manifest(path)
-        check_base(manifest, self.vlm, path)
+        check_base(manifest, self.vlm, path, fingerprint=self._fingerprint)
         method = load_method(manifest["method"])
         self._check_method(method, str(path))
         state, normalizers = read_own_files(path)
@@ -111,12 +112,12 @@ class AdapterBank:
         policy.load_own_state_dict(state)
         policy.normalizers = normalizers
         if method is not None:  # last: a bundle refused above leaves the base untouched
-            load_adapter(self.vlm, path / "adapter", adapter_name=name)
+            load_adapter(self.vlm, path / "adapter", adapter_name=name, report=False)
         policy.method_config = method
         return policy
 
     def _from_memory(self, name: str, source: VLAPolicy) -> VLAPolicy:
-        if source.vlm is not self.vlm and base_fingerprint(source.vlm) != base_fingerprint(self.vlm):
+        if source.vlm is not self.vlm and base_fingerprint(source.vlm) != self._fingerprint:
             raise ValueError(
                 f"bundle {name!r}: the policy was built on another base model than this bank's; "
                 "register it on a bank over its own base"
@@ -132,7 +133,7 @@ class AdapterBank:
             source_name = source.vlm.lora_active_adapter.name
             sources = {p: layer.adapters[source_name] for p, layer in lora_layers(source.vlm).items()
                        if source_name in layer.adapters}
-            inject(self.vlm, method, adapter_name=name)
+            inject(self.vlm, method, adapter_name=name, report=False)
             targets = lora_layers(self.vlm)
             for path, adapter in sources.items():
                 targets[path].adapters[name].load_state_dict(adapter.state_dict())
@@ -212,3 +213,16 @@ class AdapterBank:
     @property
     def config(self) -> PolicyConfig:
         return self.policy.config
+
+
+def _frozen_own_parts(policy: VLAPolicy) -> VLAPolicy:
+    """Freeze the policy's own parts and put them in eval mode, leaving the shared base alone: it is
+    frozen and in eval already, and walking it (every resident adapter with it) made loads grow with N."""
+    for child in policy.children():
+        if child is not policy.vlm:
+            child.requires_grad_(False).eval()
+    for param in policy._parameters.values():
+        if param is not None:
+            param.requires_grad_(False)
+    policy.training = False
+    return policy
