@@ -18,3 +18,18 @@ def tiny_llava_dir(tmp_path_factory):
     from vla_peft.models import save_tiny_llava
 
     return save_tiny_llava(tmp_path_factory.mktemp("tiny_llava"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def bank_dir(tiny_llava_dir, tmp_path_factory):
+    """A folder of three task bundles on the tiny LLaVA (the serve tests' bank)."""
+    from serve_synth import write_bank
+
+    return write_bank(tiny_llava_dir, tmp_path_factory.mktemp("bank"))
+
+
+@pytest.fixture(scope="module")
+def bank(bank_dir):
+    from vla_peft.serve.server import load_bank
+
+    return load_bank(bank_dir)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from eval_synth import one_torch_thread
 from serve_synth import (LOOPBACK, TASKS, free_port, observation, serving, start_subprocess, stop_subprocess,
-                         threaded_server, write_bank)
+                         threaded_server)
 from vla_peft.cli import build_parser, main
 from vla_peft.policy.observation import MAX_INSTRUCTION_CHARS
 from vla_peft.serve import wire
@@ -34,16 +34,6 @@ from vla_peft.serve.wire import encode_array, encode_image, encode_observation
 
 INSTRUCTION = "reach the red cube"
 one_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
-
-
-@pytest.fixture(scope="module")
-def bank_dir(tiny_llava_dir, tmp_path_factory):
-    return write_bank(tiny_llava_dir, tmp_path_factory.mktemp("bank"))
-
-
-@pytest.fixture(scope="module")
-def bank(bank_dir):
-    return load_bank(bank_dir)
 
 
 @pytest.fixture(scope="module")

@@ -12,30 +12,20 @@ import numpy as np
 import pytest
 
 from eval_synth import one_torch_thread
-from serve_synth import THRESHOLD_ENV, TASKS, observation, threaded_server, write_bank
+from serve_synth import THRESHOLD_ENV, TASKS, observation, threaded_server
 from vla_peft.cli import build_parser, main
 from vla_peft.eval import EvalConfig, evaluate
 from vla_peft.policy.bundle import load_bundle
 from vla_peft.serve.batcher import TaskBatcher
 from vla_peft.serve.client import PolicyClient, RemotePolicy, ServerError
 from vla_peft.serve.remote_eval import evaluate_remote
-from vla_peft.serve.server import load_bank, run_server
+from vla_peft.serve.server import run_server
 from vla_peft.serve.wire import decode_array, encode_array, encode_image, encode_observation
 
 MAX_BYTES = 64 * 1024  # a 32x32 frame is ~4 KB of base64
 
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
-
-
-@pytest.fixture(scope="module")
-def bank_dir(tiny_llava_dir, tmp_path_factory):
-    return write_bank(tiny_llava_dir, tmp_path_factory.mktemp("bank"))
-
-
-@pytest.fixture(scope="module")
-def bank(bank_dir):
-    return load_bank(bank_dir)
 
 
 @pytest.fixture(scope="module")
