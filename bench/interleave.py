@@ -139,6 +139,20 @@ class Worker:
         return result
 
 
+def interleave_workers(commands: dict[str, list[str]], rounds: int, steps: int) -> tuple[dict[str, Timing], dict]:
+    """One kept-up ``Worker`` per row (started one after another, so their start-ups are not timed
+    against each other), ``steps`` steps of each per round; the timings and each worker's report."""
+    workers: dict[str, Worker] = {}
+    try:
+        for name, command in commands.items():
+            workers[name] = Worker(name, command)
+        times = interleave({name: (lambda w=w: w.steps(steps)) for name, w in workers.items()}, rounds, warmup=0)
+        return times, {name: w.finish() for name, w in workers.items()}
+    finally:
+        for w in workers.values():
+            w.proc.kill()
+
+
 def serve(step: Callable[[], None], report: Callable[[], dict]) -> None:
     """The worker side: say READY, answer each line ``k`` on stdin with ``TIME <seconds per step>`` over
     k steps (timed by ``best_clock``), and ``END`` with ``RESULT <json of report()>``."""

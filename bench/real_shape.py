@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from interleave import Worker, best_clock, interleave, ratio, serve, table  # noqa: E402
+from interleave import best_clock, interleave_workers, ratio, serve, table  # noqa: E402
 
 ROWS = ["ours LoRA", "HF peft LoRA", "ours QLoRA", "HF peft QLoRA"]
 RANK, ALPHA, TEXT_TOKENS = 16, 32, 32
@@ -172,17 +172,9 @@ def main() -> None:
         return run_row(args.row, Path(args.base), dtype, args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         base = build_base(Path(tmp) / "base", dtype, args.text_layers, args.vision_layers)
-        workers = {}
-        try:
-            for name in ROWS:
-                workers[name] = Worker(name, [sys.executable, __file__, "--row", name, "--base", str(base), "--dtype",
-                                              args.dtype, "--threads", str(args.threads)])
-            times = interleave({name: (lambda w=w: w.steps(args.steps)) for name, w in workers.items()}, args.rounds,
-                               warmup=0)
-            results = {name: w.finish() for name, w in workers.items()}
-        finally:
-            for w in workers.values():
-                w.proc.kill()
+        commands = {name: [sys.executable, __file__, "--row", name, "--base", str(base), "--dtype", args.dtype,
+                           "--threads", str(args.threads)] for name in ROWS}
+        times, results = interleave_workers(commands, args.rounds, args.steps)
     torch.set_num_threads(args.threads)
     where = "cuda (allocator peak)" if torch.cuda.is_available() else \
         f"cpu, {args.threads} thread(s), peak RSS, timed by {best_clock().__name__}"

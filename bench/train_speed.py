@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from interleave import Worker, best_clock, interleave, ratio, serve, table  # noqa: E402
+from interleave import best_clock, interleave_workers, ratio, serve, table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["lora", "qlora", "adapter", "prefix", "prompt"]
@@ -151,17 +151,9 @@ def main() -> None:
             from vla_peft.models import save_tiny_llava
 
             base = save_tiny_llava(Path(tmp) / "tiny", seed=0)
-        workers = {}
-        try:
-            for name in names:  # one after another: their start-up would otherwise be timed against each other
-                workers[name] = Worker(name, [sys.executable, __file__, "--one", name, "--base", str(base), "--batch",
-                                              str(args.batch), "--threads", str(args.threads)])
-            times = interleave({name: (lambda w=w: w.steps(args.steps)) for name, w in workers.items()}, args.rounds,
-                               warmup=0)
-            results = {name: w.finish() for name, w in workers.items()}
-        finally:
-            for w in workers.values():
-                w.proc.kill()
+        commands = {name: [sys.executable, __file__, "--one", name, "--base", str(base), "--batch", str(args.batch),
+                           "--threads", str(args.threads)] for name in names}
+        times, results = interleave_workers(commands, args.rounds, args.steps)
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else f"cpu, {args.threads} thread(s) per row, timed by {best_clock().__name__}"
     print(f"batch {args.batch}, {args.rounds} interleaved rounds x {args.steps} steps per row, {device}")
