@@ -21,6 +21,13 @@ def to_float_chw(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return images.movedim(-1, -3).float().div_(255.0)
 
 
+def resize(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear, antialiased resize of float (..., 3, H, W) images to (height, width)."""
+    flat = images.reshape(-1, *images.shape[-3:])
+    resized = F.interpolate(flat, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    return resized.reshape(*images.shape[:-2], height, width)
+
+
 @dataclass
 class ImageAugment:
     """`crop_scale` is the kept fraction of the area; jitter factors are drawn from [1 - j, 1 + j]."""
@@ -43,9 +50,7 @@ class ImageAugment:
         crop = images[..., top : top + crop_h, left : left + crop_w]
         if (crop_h, crop_w) == (height, width):
             return crop
-        flat = crop.reshape(-1, *crop.shape[-3:])
-        resized = F.interpolate(flat, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-        return resized.reshape(*images.shape[:-2], height, width)
+        return resize(crop, height, width)
 
     def train(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Random crop + colour jitter of float (..., 3, H, W) images; one draw for the whole stack

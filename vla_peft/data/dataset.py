@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from vla_peft.data.augment import ImageAugment, to_float_chw
+from vla_peft.data.augment import ImageAugment, resize, to_float_chw
 from vla_peft.data.errors import DemoFileError
 from vla_peft.data.hdf5 import DemoFile
 from vla_peft.data.stats import Normalizer, Stats, compute_stats
@@ -242,8 +241,7 @@ class DemoDataset(Dataset):
             frames = np.concatenate([np.repeat(frames[:1], pad_front, axis=0), frames]) if pad_front else frames
             images = to_float_chw(frames)
             if self.config.image_size is not None and images.shape[-2:] != (self.config.image_size,) * 2:
-                images = F.interpolate(images, size=(self.config.image_size,) * 2, mode="bilinear", antialias=True,
-                                       align_corners=False).clamp_(0.0, 1.0)
+                images = resize(images, self.config.image_size, self.config.image_size).clamp_(0.0, 1.0)
             if self.augment is not None:
                 images = self.augment.train(images, generator) if self.train else self.augment.eval(images)
             cameras.append(images)
