@@ -34,7 +34,7 @@ from vla_peft.models.image_norm import load_image_norm
 from vla_peft.pretrain.base import SHIPPED
 from vla_peft.pretrain.locator import GRIPPER, NAMES, name_index
 from vla_peft.pretrain.scenes import CAMERAS, SceneSet, render_scenes
-from vla_peft.pretrain.train import QATokenizer
+from vla_peft.pretrain.train import QATokenizer, make_pixels
 
 TASKS = ("Reach", "Push", "PickPlace", "Stack")
 
@@ -60,19 +60,13 @@ def samples(scenes: SceneSet, camera: str) -> list[tuple[int, int, str, np.ndarr
     return out
 
 
-def pixels(scenes: SceneSet, norm, indices) -> torch.Tensor:
-    means = torch.stack([norm.means[scenes.annotations[i]["camera"]] for i in indices])
-    x = scenes.images[torch.as_tensor(indices)].permute(0, 3, 1, 2).float().div_(255.0)
-    return (x - means).div_(norm.std)
-
-
 @torch.no_grad()
 def image_tokens(model, scenes: SceneSet, norm) -> torch.Tensor:
     """(N, T, D) projected image tokens of every frame."""
     out = []
     for start in range(0, len(scenes), 256):
         idx = list(range(start, min(start + 256, len(scenes))))
-        feats = model.model.get_image_features(pixel_values=pixels(scenes, norm, idx)).pooler_output
+        feats = model.model.get_image_features(pixel_values=make_pixels(scenes, norm, idx)).pooler_output
         out.append(torch.stack(list(feats)))
     return torch.cat(out)
 
@@ -92,7 +86,7 @@ def prompt_states(model, qat: QATokenizer, scenes: SceneSet, norm, rows) -> torc
             mask[b, length - len(seq) :] = 1
         position_ids = (mask.cumsum(1) - 1).clamp_min(0)
         h = model(input_ids=batch, attention_mask=mask, position_ids=position_ids,
-                  pixel_values=pixels(scenes, norm, [r[0] for r in chunk]), output_hidden_states=True)
+                  pixel_values=make_pixels(scenes, norm, [r[0] for r in chunk]), output_hidden_states=True)
         out.append(h.hidden_states[-1][:, -1])
     return torch.cat(out)
 
