@@ -399,13 +399,18 @@ def pretrain(
         "train_seconds_this_run": round(seconds, 1),
         "torch_threads": torch.get_num_threads(),
         "initial_loss": float(np.mean(losses[: max(1, min(10, len(losses) // 4))])) if losses else None,
-        "final_loss": float(np.mean(losses[-max(1, min(50, len(losses) // 4)) :])) if losses else None,
-        "final_code_loss": float(np.mean(code_losses[-max(1, min(50, len(code_losses) // 4)) :])) if code_losses else None,
-        "final_locator_loss": float(np.mean(locator_losses[-max(1, min(50, len(locator_losses) // 4)) :])) if locator_losses else None,
+        "final_loss": _final(losses),
+        "final_code_loss": _final(code_losses),
+        "final_locator_loss": _final(locator_losses) if cfg.locator_weight else None,
         "held_out": evaluate(model, held_out, norm, qat, cfg.eval_per_type, seed=cfg.seed + 7),
     }
     _atomic_json(out / EVAL_FILE, report)
     return report
+
+
+def _final(values: list[float]) -> float | None:
+    """The mean of the last quarter of a run's values (at most 50), or None for a run of no steps."""
+    return float(np.mean(values[-max(1, min(50, len(values) // 4)) :])) if values else None
 
 
 def format_report(report: dict) -> str:
