@@ -115,7 +115,8 @@ def test_scene_code_puts_each_object_in_its_patch_and_leaves_empty_patches_zero(
     torch.testing.assert_close(codebook(0, 32)["kind"], code["kind"])  # fixed by the seed
 
 
-TINY = dict(steps=8, batch_size=4, turns=4, warmup=2, train_images=48, eval_images=24, eval_per_type=4, easy_fraction=0.25)
+# two vision-stage steps first (the locator alone), so both stages and a resume across them are run
+TINY = dict(vision_steps=2, vision_batch=6, locator_weight=1.0, steps=8, batch_size=4, turns=4, warmup=2, train_images=48, eval_images=24, eval_per_type=4, easy_fraction=0.25)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +153,7 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(trained, tmp_path):
     with pytest.raises(FileExistsError):
         pretrain(tmp_path, cfg, threads=1)
     report = pretrain(tmp_path, cfg, resume=True, threads=1)
-    assert report["steps_done"] == cfg.steps
+    assert report["steps_done"] == cfg.vision_steps + cfg.steps
     resumed, full = load_file(tmp_path / "model.safetensors"), load_file(out_full / "model.safetensors")
     for name, tensor in full.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-4, atol=1e-5, msg=name)

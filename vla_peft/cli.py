@@ -115,9 +115,9 @@ def add_data_commands(sub) -> None:
 
 def cmd_pretrain_base(args: argparse.Namespace) -> int:
     """Pretrain the tiny base VLM on simulator captions and grounding questions."""
-    from vla_peft.pretrain.train import LOCATOR_RECIPE, PretrainConfig, format_report, pretrain
+    from vla_peft.pretrain.train import RECIPES, PretrainConfig, format_report, pretrain
 
-    recipe = dict(LOCATOR_RECIPE) if args.recipe == "locator" else {}
+    recipe = dict(RECIPES[args.recipe])
     recipe.update({"seed": args.seed, **({} if args.steps is None else {"steps": args.steps}),
                    **({} if args.lr is None else {"lr": args.lr})})
     cfg = PretrainConfig(**recipe)
@@ -250,12 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     pre = sub.add_parser("pretrain-base", help="pretrain the tiny CPU base VLM on simulator scenes (no actions)")
     pre.add_argument("--out", required=True, help="checkpoint directory to write")
-    pre.add_argument("--recipe", choices=["shipped", "locator"], default="shipped",
+    pre.add_argument("--recipe", choices=["shipped", "locator", "vision-first"], default="shipped",
                      help="shipped: the recipe of the shipped base (3,000 steps, 8,000 scenes); locator: posed scenes, "
-                          "the locator target and fine answers (4,000 steps, 80,000 scenes; docs/base-models.md) (default: shipped)")
+                          "the locator target and fine answers (4,000 steps, 80,000 scenes); vision-first: the locator "
+                          "recipe with patches of 8 px and 3,000 vision-only steps before 1,500 LLaVA steps "
+                          "(docs/base-models.md) (default: shipped)")
     pre.add_argument("--steps", type=int, default=None,
                      help="training steps of 16 images x 4 questions (+48 or 64 images for the vision tower) "
-                          "(default: the recipe's, 3,000 or 4,000)")
+                          "(default: the recipe's, 3,000, 4,000 or 1,500)")
     pre.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this much training time (default: no limit)")
     pre.add_argument("--seed", type=int, default=0, help="seed of scenes, weights and batches (default: 0)")
     pre.add_argument("--lr", type=float, default=None,

@@ -1,7 +1,7 @@
 """LLaVA-style pretraining of the tiny base: next-token loss on the answer, image + question as context.
 
 The whole recipe reads top to bottom: render scenes, fit the per-pixel input normalisation,
-then train every weight of a fresh tiny LLaVA on questions drawn per step (easy mix first,
+optionally train the vision side alone on the locator first (``vision_steps``), then train every weight of a fresh tiny LLaVA on questions drawn per step (easy mix first,
 full mix after) with two targets for the image tokens — the scene code (scene_code.py) and
 the locator (locator.py: where each named thing is, precisely) — save a normal
 transformers checkpoint, and score it on held-out scenes.
@@ -42,7 +42,10 @@ RECIPE_FILE = "pretrain_recipe.json"
 class PretrainConfig:
     """Everything that decides the result; written beside the checkpoint."""
 
-    steps: int = 3000
+    steps: int = 3000  # steps of the LLaVA stage (the language model reads the image tokens)
+    vision_steps: int = 0  # a first stage before those: vision tower, projector and locator alone, no LM
+    vision_batch: int = 80  # images per vision-stage step (no LM pass, so a step is cheap)
+    vision_stage_lr: float = 2e-3  # the vision stage's peak learning rate
     seed: int = 0
     batch_size: int = 16  # images per step
     turns: int = 4  # questions per image (multi-turn), so 64 answers per step
@@ -69,6 +72,13 @@ class PretrainConfig:
 # base's (probe 4.4 vs 5.1 cm), yet LoRA on it scored lower on Reach (76 vs 88 %); see docs/results.md.
 LOCATOR_RECIPE = {"steps": 4000, "train_images": 80000, "posed_fraction": 0.9, "code_images": 64,
                   "locator_weight": 1.0, "fine_answers": True}
+# The vision-first recipe: patches of 8 pixels (64 image tokens, not 16) and a vision stage that
+# trains the tower on the locator alone before the LLaVA stage. Measured on the vision side
+# alone, held-out expert frames, agentview: patch 16 plateaued near 2.9 px RMS after 3,000
+# steps; patch 8 reached 1.6 px after 1,200 (docs/base-models.md).
+VISION_FIRST_RECIPE = {**LOCATOR_RECIPE, "vision_steps": 3000, "steps": 1500, "vision_lr": 5e-4,
+                       "spec": TinyLlavaSpec(patch_size=8)}
+RECIPES = {"shipped": {}, "locator": LOCATOR_RECIPE, "vision-first": VISION_FIRST_RECIPE}
 
 
 class QATokenizer:
@@ -166,12 +176,14 @@ def make_pixels(scenes: SceneSet, norm: ImageNorm, indices) -> torch.Tensor:
     return (pixels - means).div_(norm.std)
 
 
-def lr_at(step: int, cfg: PretrainConfig) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak."""
+def lr_at(step: int, cfg: PretrainConfig, peak: float | None = None, steps: int | None = None) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak (default: the LLaVA stage's)."""
+    peak = cfg.lr if peak is None else peak
+    steps = cfg.steps if steps is None else steps
     if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+        return peak * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, steps - cfg.warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 @torch.no_grad()
@@ -313,6 +325,8 @@ def pretrain(
     )
     # Everything trained, in one module so that resume files hold it all; only `vlm` is shipped.
     trained = torch.nn.ModuleDict({"vlm": model})
+    if cfg.vision_steps and not cfg.locator_weight:
+        raise ValueError("vision_steps trains the vision side on the locator alone: set locator_weight > 0 too")
     if cfg.locator_weight:
         torch.manual_seed(cfg.seed)
         trained["locator"] = Locator(spec.text_hidden)
@@ -334,7 +348,7 @@ def pretrain(
         start, saved = _load_state(state_file, trained, optimizer)
         # More --steps may extend a finished run (the cosine then follows the new total);
         # anything else must match, or the result would belong to no recipe.
-        if {**saved, "steps": cfg.steps} != _config_dict(cfg) or cfg.steps < start:
+        if {**saved, "steps": cfg.steps} != _config_dict(cfg) or cfg.vision_steps + cfg.steps < start:
             raise ValueError(f"{out} was started with a different recipe ({saved}); resume it with the same options")
     grid = spec.image_size // spec.patch_size  # image patches per side
     qat = QATokenizer(tokenizer, grid * grid)
@@ -344,22 +358,33 @@ def pretrain(
     losses: list[float] = []
     code_losses: list[float] = []
     locator_losses: list[float] = []
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="pretraining", unit="step")
+    total = cfg.vision_steps + cfg.steps
+    bar = tqdm(range(start, total), initial=start, total=total, desc="pretraining", unit="step")
     step = start
     for step in bar:
         rng = np.random.default_rng([cfg.seed, step])
+        if step < cfg.vision_steps:
+            loss = _vision_step(trained, train, norm, tokens, optimizer, step, cfg, rng)
+            locator_losses.append(loss)
+            if step % 10 == 0:
+                bar.set_postfix(stage="vision", locator=f"{np.mean(locator_losses[-50:]):.4f}")
+            if _checkpoint(state_file, trained, optimizer, step, cfg, began, minutes):
+                step += 1
+                break
+            continue
+        llava_step = step - cfg.vision_steps
         easy, full = (FINE_EASY_MIX, FINE_FULL_MIX) if cfg.fine_answers else (EASY_MIX, FULL_MIX)
-        mix = easy if step < cfg.easy_fraction * cfg.steps else full
+        mix = easy if llava_step < cfg.easy_fraction * cfg.steps else full
         conversations = draw_conversations(train, mix, cfg.batch_size, cfg.turns, rng)
         batch = make_batch(train, norm, qat, conversations)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg) * (cfg.vision_lr / cfg.lr if group["vision"] else 1.0)
+            group["lr"] = lr_at(llava_step, cfg) * (cfg.vision_lr / cfg.lr if group["vision"] else 1.0)
         extra = rng.integers(len(train), size=cfg.code_images)
         tokens["replace"] = None
         model.model.get_image_features(pixel_values=make_pixels(train, norm, extra))
         extra_tokens = tokens["vision"]
         target = scene_code([train.annotations[i] for i, _ in conversations], grid, code)
-        tokens["replace"] = target if step < cfg.code_fraction * cfg.steps else None
+        tokens["replace"] = target if llava_step < cfg.code_fraction * cfg.steps else None
         loss = model(**batch).loss
         vision = torch.cat([tokens["vision"], extra_tokens])
         target = torch.cat([target, scene_code([train.annotations[i] for i in extra], grid, code)])
@@ -377,14 +402,11 @@ def pretrain(
         if step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", code=f"{np.mean(code_losses[-50:]):.4f}",
                             locator=f"{np.mean(locator_losses[-50:]):.4f}")
-        out_of_time = minutes is not None and time.monotonic() - began > 60 * minutes
-        if (step + 1) % 200 == 0 or out_of_time:
-            _save_state(state_file, trained, optimizer, step + 1, cfg)
-        if out_of_time:
+        if _checkpoint(state_file, trained, optimizer, step, cfg, began, minutes):
             step += 1
             break
     else:
-        step = cfg.steps
+        step = total
     bar.close()
     seconds = time.monotonic() - began
     _save_state(state_file, trained, optimizer, step, cfg)
@@ -395,7 +417,7 @@ def pretrain(
     save_checkpoint(out, model, tokenizer, norm)
     report = {
         "steps_done": step,
-        "steps_planned": cfg.steps,
+        "steps_planned": total,
         "train_seconds_this_run": round(seconds, 1),
         "torch_threads": torch.get_num_threads(),
         "initial_loss": float(np.mean(losses[: max(1, min(10, len(losses) // 4))])) if losses else None,
@@ -406,6 +428,32 @@ def pretrain(
     }
     _atomic_json(out / EVAL_FILE, report)
     return report
+
+
+def _vision_step(trained, train: SceneSet, norm: ImageNorm, tokens: dict, optimizer, step: int,
+                 cfg: PretrainConfig, rng: np.random.Generator) -> float:
+    """One vision-stage step: the locator's loss on ``vision_batch`` images, the LM untouched
+    (it has no gradient, so AdamW skips it). Measured: the vision tower alone on this target
+    learns positions faster than inside the full model, where it shares the step with the LM."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg, cfg.vision_stage_lr, cfg.vision_steps) if group["vision"] else 0.0
+    images = rng.integers(len(train), size=cfg.vision_batch)
+    tokens["replace"] = None
+    trained["vlm"].model.get_image_features(pixel_values=make_pixels(train, norm, images))
+    loss = trained["locator"].loss(tokens["vision"], [train.annotations[i] for i in images])
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def _checkpoint(path: Path, trained, optimizer, step: int, cfg: PretrainConfig, began: float, minutes) -> bool:
+    """Save every 200 steps and when the time budget is spent; True means stop now."""
+    out_of_time = minutes is not None and time.monotonic() - began > 60 * minutes
+    if (step + 1) % 200 == 0 or out_of_time:
+        _save_state(path, trained, optimizer, step + 1, cfg)
+    return out_of_time
 
 
 def _final(values: list[float]) -> float | None:
