@@ -75,9 +75,11 @@ LOCATOR_RECIPE = {"steps": 4000, "train_images": 80000, "posed_fraction": 0.9, "
 # The vision-first recipe: patches of 8 pixels (64 image tokens, not 16) and a vision stage that
 # trains the tower on the locator alone before the LLaVA stage. Measured on the vision side
 # alone, held-out expert frames, agentview: patch 16 plateaued near 2.9 px RMS after 3,000
-# steps; patch 8 reached 1.6 px after 1,200 (docs/base-models.md).
+# steps; patch 8 reached 1.6 px after 1,200 (docs/base-models.md). The scene code is dropped:
+# the LM reads the trained tower from its first step, and the code's loss on tokens shaped by
+# the locator alone started at 490x its scale (it would have swamped every other gradient).
 VISION_FIRST_RECIPE = {**LOCATOR_RECIPE, "vision_steps": 3000, "steps": 1500, "vision_lr": 5e-4,
-                       "spec": TinyLlavaSpec(patch_size=8)}
+                       "code_weight": 0.0, "code_fraction": 0.0, "spec": TinyLlavaSpec(patch_size=8)}
 RECIPES = {"shipped": {}, "locator": LOCATOR_RECIPE, "vision-first": VISION_FIRST_RECIPE}
 
 
@@ -389,7 +391,7 @@ def pretrain(
         vision = torch.cat([tokens["vision"], extra_tokens])
         target = torch.cat([target, scene_code([train.annotations[i] for i in extra], grid, code)])
         # relative squared error: 1.0 is what all-zero image tokens would score
-        code_loss = (vision - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-6)
+        code_loss = (vision - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-6) if cfg.code_weight else torch.zeros(())
         seen = [train.annotations[i] for i, _ in conversations] + [train.annotations[i] for i in extra]
         locator_loss = trained["locator"].loss(vision, seen) if cfg.locator_weight else torch.zeros(())
         (loss + cfg.code_weight * code_loss + cfg.locator_weight * locator_loss).backward()
@@ -422,7 +424,7 @@ def pretrain(
         "torch_threads": torch.get_num_threads(),
         "initial_loss": float(np.mean(losses[: max(1, min(10, len(losses) // 4))])) if losses else None,
         "final_loss": _final(losses),
-        "final_code_loss": _final(code_losses),
+        "final_code_loss": _final(code_losses) if cfg.code_weight else None,
         "final_locator_loss": _final(locator_losses) if cfg.locator_weight else None,
         "held_out": evaluate(model, held_out, norm, qat, cfg.eval_per_type, seed=cfg.seed + 7),
     }
