@@ -2,9 +2,10 @@
 
 The whole recipe reads top to bottom: render scenes, fit the per-pixel input normalisation,
 optionally train the vision side alone on the locator first (``vision_steps``), then train
-every weight of a fresh tiny LLaVA on questions drawn per step (easy mix first, full mix after) with two targets for the image tokens — the scene code (scene_code.py) and
-the locator (locator.py: where each named thing is, precisely) — save a normal
-transformers checkpoint, and score it on held-out scenes.
+every weight of a fresh tiny LLaVA on questions drawn per step (easy mix first, full mix after)
+with two targets for the image tokens — the scene code (scene_code.py) and the locator
+(locator.py: where each named thing is, precisely) — save a normal transformers checkpoint,
+and score it on held-out scenes.
 Batches are a pure function of (seed, step), so a resumed run sees the same data as an
 uninterrupted one.
 """
