@@ -386,13 +386,17 @@ def pretrain(
         tokens["replace"] = None
         model.model.get_image_features(pixel_values=make_pixels(train, norm, extra))
         extra_tokens = tokens["vision"]
-        target = scene_code([train.annotations[i] for i, _ in conversations], grid, code)
-        tokens["replace"] = target if llava_step < cfg.code_fraction * cfg.steps else None
+        reads_code = llava_step < cfg.code_fraction * cfg.steps
+        target = None
+        if reads_code or cfg.code_weight:
+            target = scene_code([train.annotations[i] for i, _ in conversations], grid, code)
+        tokens["replace"] = target if reads_code else None
         loss = model(**batch).loss
         vision = torch.cat([tokens["vision"], extra_tokens])
-        target = torch.cat([target, scene_code([train.annotations[i] for i in extra], grid, code)])
-        # relative squared error: 1.0 is what all-zero image tokens would score
-        code_loss = (vision - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-6) if cfg.code_weight else torch.zeros(())
+        code_loss = torch.zeros(())
+        if cfg.code_weight:  # relative squared error: 1.0 is what all-zero image tokens would score
+            target = torch.cat([target, scene_code([train.annotations[i] for i in extra], grid, code)])
+            code_loss = (vision - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-6)
         seen = [train.annotations[i] for i, _ in conversations] + [train.annotations[i] for i in extra]
         locator_loss = trained["locator"].loss(vision, seen) if cfg.locator_weight else torch.zeros(())
         (loss + cfg.code_weight * code_loss + cfg.locator_weight * locator_loss).backward()
