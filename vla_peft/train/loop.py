@@ -231,16 +231,24 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 @torch.no_grad()
 def evaluate(policy: VLAPolicy, val_set, cfg) -> dict[str, float]:
-    """Mean validation loss and metrics (action L1; token accuracy for the discrete head)."""
+    """Mean validation loss and metrics (action L1; token accuracy for the discrete head), and the
+    action L1 again with each sample given another sample's images (``val_l1_images_shuffled``).
+    A policy whose error barely rises without its own images acts from the state alone: training's
+    loss falls, but it cannot find the target in closed loop (docs/results.md, "Seeds")."""
     policy.eval()
-    loader = DataLoader(val_set, batch_size=max(1, cfg.batch_size // cfg.grad_accum), shuffle=False,
-                        num_workers=cfg.num_workers)
+    # one fixed draw of frames from every validation episode (the file's order would fill the first
+    # batches with one episode's neighbouring frames, whose images are near copies of each other)
+    loader = DataLoader(val_set, batch_size=max(1, cfg.batch_size // cfg.grad_accum), shuffle=True,
+                        generator=torch.Generator().manual_seed(0), num_workers=cfg.num_workers)
     sums: dict[str, float] = {}
     count = 0
     for i, batch in enumerate(loader):
         if i >= cfg.val_batches:
             break
-        for key, value in policy(batch).items():
+        results = policy(batch)
+        if len(batch["images"]) > 1:
+            results["l1_images_shuffled"] = policy({**batch, "images": batch["images"].roll(1, 0)})["l1"]
+        for key, value in results.items():
             sums[key] = sums.get(key, 0.0) + float(value)
         count += 1
     return {f"val_{k}": v / max(count, 1) for k, v in sums.items()}
