@@ -67,26 +67,33 @@ class ActiveAdapter:
 
 class LoraWeight(nn.Module):
     """A bare (out, in) weight, named like ``nn.Linear``'s so that keys read ``lora_A.weight`` as in
-    HF peft. Not an ``nn.Linear``: that one initialises its weight in its constructor, a second
-    time over, and adding a bundle to a bank builds dozens of these."""
+    HF peft. Not an ``nn.Linear``: that one initialises its weight in its constructor, and adding a
+    bundle to a bank builds dozens of these."""
 
-    def __init__(self, d_out: int, d_in: int, device=None) -> None:
+    def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(d_out, d_in, device=device, dtype=torch.float32))
+        # Straight into the parameter table: register_parameter's checks cost more than the rest of
+        # this module's construction, and the name is fixed.
+        self._parameters["weight"] = nn.Parameter(weight)
 
 
 class LoraAdapter(PeftModule):
-    """One named low-rank update: x -> B(A(dropout(x))) * scaling, in float32."""
+    """One named low-rank update: x -> B(A(dropout(x))) * scaling, in float32, made of the given
+    (r, in) and (out, r) weights (``initial`` draws a fresh pair)."""
 
-    def __init__(self, d_in: int, d_out: int, r: int, scaling: float, dropout: float, device=None) -> None:
+    def __init__(self, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dropout: float) -> None:
         super().__init__()
-        self.lora_A = LoraWeight(r, d_in, device)
-        self.lora_B = LoraWeight(d_out, r, device)
+        self._modules["lora_A"] = LoraWeight(lora_A)  # as LoraWeight's parameter: the names are fixed
+        self._modules["lora_B"] = LoraWeight(lora_B)
         self.dropout = dropout  # a probability, applied with F.dropout: no module call per forward
         self.scaling = scaling
-        # A as nn.Linear's own init (Kaiming-uniform, a=sqrt(5)), B zero: B·A = 0 at init.
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+
+    @classmethod
+    def initial(cls, d_in: int, d_out: int, r: int, scaling: float, dropout: float, device=None) -> LoraAdapter:
+        """A as nn.Linear's own init (Kaiming-uniform, a=sqrt(5)), B zero: B·A = 0 at init."""
+        lora_A = torch.empty(r, d_in, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        return cls(lora_A, torch.zeros(d_out, r, device=device, dtype=torch.float32), scaling, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dropout and self.training:
@@ -152,17 +159,20 @@ class LoraLinear(PeftWrapper):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
-    def add_adapter(self, name: str, config: LoraConfig) -> LoraAdapter:
+    def add_adapter(self, name: str, config: LoraConfig,
+                    weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> LoraAdapter:
+        """Add adapter ``name``, freshly initialised, or made of ``weights`` (A, B) as a file holds
+        them (copied in float32 onto the base's device; nothing is drawn that they would replace)."""
         if name in self.adapters:
             raise ValueError(f"this layer already has a LoRA adapter named {name!r}; choose another adapter_name")
-        adapter = LoraAdapter(
-            self.base_layer.in_features,
-            self.base_layer.out_features,
-            config.r,
-            config.scaling,
-            config.dropout,
-            device=self.base_layer.weight.device,
-        )
+        base = self.base_layer
+        if weights is None:
+            adapter = LoraAdapter.initial(base.in_features, base.out_features, config.r, config.scaling,
+                                          config.dropout, device=base.weight.device)
+        else:
+            device = base.weight.device
+            lora_A, lora_B = (w.to(device, torch.float32, copy=True) for w in weights)
+            adapter = LoraAdapter(lora_A, lora_B, config.scaling, config.dropout)
         self.adapters[name] = adapter.train(self.training)  # dropout off in an eval-mode model
         return adapter
 
@@ -225,9 +235,12 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, LoraLinear))
 
 
-def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> list[LoraAdapter]:
+def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+                weights: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[LoraAdapter]:
     """Wrap every targeted linear (or reuse its wrapper) and add adapter ``adapter_name``;
-    the new adapter becomes the active one. Returns the new (trainable) adapters."""
+    the new adapter becomes the active one. Returns the new (trainable) adapters. ``weights``
+    (module path -> (A, B), one pair per target) makes the adapters of a saved pair each instead
+    of a fresh init."""
     refuse_if_merged(model, "add a LoRA adapter")
     targets = find_targets(model, config.targets, accept=is_linear, kind="linear")
     bases = [t.module.base_layer if isinstance(t.module, LoraLinear) else t.module for t in targets]
@@ -249,7 +262,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
             _replace(model, target.path, layer)
         if layer.merged_adapter is not None:
             raise RuntimeError(f"{target.path} has a merged LoRA adapter; unmerge it before adding another")
-        created.append(layer.add_adapter(adapter_name, config))
+        created.append(layer.add_adapter(adapter_name, config, None if weights is None else weights[target.path]))
     active.name = adapter_name
     return created
 
