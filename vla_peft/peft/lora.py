@@ -102,15 +102,20 @@ class LoraAdapter(PeftModule):
         # elementwise pass d_out/r times smaller, forward and backward, and saves nothing extra.
         return F.linear(F.linear(x, self.lora_A.weight) * self.scaling, self.lora_B.weight)
 
-    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``out + forward(x)`` in two ops instead of four: the scaling, the second matmul and the
-        sum are one ``addmm`` (same maths; float rounding may differ in the last bit)."""
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+        """``out + forward(x)`` for 2D (tokens, features) ``out`` and ``x``, in two ops instead of four:
+        the scaling, the second matmul and the sum are one ``addmm`` (same maths; float rounding may
+        differ in the last bit). ``in_place`` writes the sum into ``out``, for an ``out`` the caller
+        just made (autograd allows it: the matmul that made ``out`` does not keep it for backward)."""
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout, training=True)
-        h = F.linear(x, self.lora_A.weight)
-        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.weight.t(),
-                           alpha=self.scaling)
-        return flat.view(out.shape)
+        # The weights straight from the module tables: at batch 1, nn.Module.__getattr__ (two per
+        # weight) costs about what the matmuls do.
+        lora_A, lora_B = self._modules["lora_A"]._parameters["weight"], self._modules["lora_B"]._parameters["weight"]
+        h = F.linear(x, lora_A)
+        if in_place:
+            return out.addmm_(h, lora_B.t(), alpha=self.scaling)
+        return torch.addmm(out, h, lora_B.t(), alpha=self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """The update as a dense (d_out, d_in) matrix."""
@@ -177,10 +182,10 @@ class LoraLinear(PeftWrapper):
         return adapter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Called once per layer per forward, so it does no more Python than it must: the adapter is
-        # applied by a plain method (no module __call__ and its hook checks) in two ops, which at
-        # batch 1 is most of what unmerged LoRA costs beyond its two small matmuls.
-        out = self._base_forward(x)
+        # Called once per layer per forward, so it does no more Python, nor more torch ops, than it
+        # must: the adapter is applied by a plain method (no module __call__ and its hook checks), on
+        # the tokens flattened once to 2D (so no matmul reshapes on its own), its second matmul, the
+        # scaling and the sum in one addmm written into the base's fresh output.
         name = self.active.name
         if self.merged_adapter is not None:
             if name != self.merged_adapter or not self.adapters[name].enabled:
@@ -188,22 +193,34 @@ class LoraLinear(PeftWrapper):
                     f"LoRA adapter {self.merged_adapter!r} is merged into the base weights; "
                     "unmerge it before switching or disabling adapters"
                 )
-            return out
-        adapter = self.adapters._modules.get(name) if name is not None else None
+            return self._base_forward(x)
+        modules = self._modules  # the tables directly, as in LoraAdapter.add_to
+        adapter = modules["adapters"]._modules.get(name) if name is not None else None
         if adapter is None or not adapter.enabled:
-            return out
+            return self._base_forward(x)
+        base = modules["base_layer"]
+        if x.dtype == torch.float32 and self._plain_base(base):
+            weight, bias = base._parameters["weight"], base._parameters["bias"]
+            if weight.dtype == torch.float32:
+                flat = x.reshape(-1, x.shape[-1])
+                out = adapter.add_to(F.linear(flat, weight, bias), flat, in_place=True)
+                return out.view(*x.shape[:-1], out.shape[-1])
+        out = base(x)
         if x.dtype != torch.float32 or out.dtype != torch.float32:
             return out + adapter.forward(x.float()).to(out.dtype)
-        return adapter.add_to(out, x)
+        return adapter.add_to(out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1])).view(out.shape)
+
+    @staticmethod
+    def _plain_base(base: nn.Module) -> bool:
+        """A plain ``nn.Linear`` with no hooks of its own (nor a patched ``forward``, as accelerate's
+        offloading installs): it is applied with ``F.linear`` directly, the same op without a second
+        module call per layer (global module hooks are not run for it)."""
+        return type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__)
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen linear's output. A plain ``nn.Linear`` with no hooks of its own (nor a patched
-        ``forward``, as accelerate's offloading installs) is applied with ``F.linear`` directly: the
-        same op without a second module call per layer (global module hooks are not run for it)."""
+        """The frozen linear's output (``F.linear`` for a plain one, see ``_plain_base``)."""
         base = self.base_layer
-        if type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__):
-            return F.linear(x, base.weight, base.bias)
-        return base(x)
+        return F.linear(x, base.weight, base.bias) if self._plain_base(base) else base(x)
 
     def merge(self, name: str) -> None:
         """Add adapter ``name``'s update into the base weight (full-precision bases only)."""
