@@ -1,11 +1,12 @@
 """LoRA overhead on the tiny LLaVA: vla_peft beside HF peft, same process, same config.
 
-    PYTHONPATH=. python bench/peft_overhead.py [--steps 30] [--forwards 200] [--batch 8] [--threads 1]
+    PYTHONPATH=. python bench/peft_overhead.py [--steps 30] [--forwards 200] [--batch 8] [--dropout 0.05] [--threads 1]
 
 Prints training-step time and training memory for LoRA (ours vs peft), and forward latency
 at batch 1 for the base, unmerged LoRA and merged LoRA (ours and peft), with ratios.
 Targets (issue 21): our training step <= 0.9x peft's; unmerged forward <= 1.15x the base;
-merged forward <= 1.02x the base.
+merged forward <= 1.02x the base. A third training row, the frozen base with no LoRA (forward and
+backward to its input), is the part of a step both implementations share; the rest is LoRA's own.
 
 Rows are interleaved and reported by bench/interleave.py (median, min, spread, per-round
 ratios, a flag when the spread is too wide to trust). On the CPU there is no allocator peak to read, so "memory" is
@@ -82,12 +83,28 @@ class Trainer:
         return (saved + grads + adam) / 2**20
 
 
+class SharedPart:
+    """What every LoRA implementation's training step shares: the frozen base's forward and the
+    backward through it to its input, with no LoRA at all. A step minus this is the implementation's
+    own work (an upper bound on the shared part: it also takes the patch embedding's input gradient)."""
+
+    def __init__(self, model, inputs, device):
+        self.model = model.to(device).requires_grad_(False).train()
+        self.inputs = {k: v.to(device) for k, v in inputs.items()}
+        self.inputs["pixel_values"] = self.inputs["pixel_values"].clone().requires_grad_(True)  # not the others'
+
+    def step(self) -> None:
+        self.inputs["pixel_values"].grad = None
+        self.model(**self.inputs).loss.backward()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="timed training steps per contender")
     parser.add_argument("--forwards", type=int, default=200, help="timed batch-1 forwards per variant")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (its masks are a large part of a step)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps timings steady on a shared machine)")
     args = parser.parse_args()
     from peft import LoraConfig as PeftLoraConfig
@@ -96,7 +113,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = LoraConfig(r=args.r, alpha=2 * args.r, dropout=0.05)
+    config = LoraConfig(r=args.r, alpha=2 * args.r, dropout=args.dropout)
     with tempfile.TemporaryDirectory() as tmp:
         path = save_tiny_llava(tmp)
         base = load_vlm(path)[0].to(device)
@@ -109,12 +126,13 @@ def main() -> None:
 
     # Training step: time and memory.
     inputs = make_inputs(base, args.batch)
-    trainers = {"vla_peft": Trainer(ours, inputs, device), "HF peft": Trainer(theirs, inputs, device)}
+    trainers = {"vla_peft": Trainer(ours, inputs, device), "HF peft": Trainer(theirs, inputs, device),
+                "shared (no LoRA)": SharedPart(base, inputs, device)}
     for trainer in trainers.values():
         for _ in range(3):
             trainer.step()
     step = interleave({k: t.step for k, t in trainers.items()}, args.steps, progress="training steps")
-    memory = {name: trainer.memory_mib() for name, trainer in trainers.items()}
+    memory = {name: trainer.memory_mib() for name, trainer in trainers.items() if name != "shared (no LoRA)"}
 
     # Forward latency at batch 1.
     one = {k: v.to(device) for k, v in make_inputs(base, 1).items() if k != "labels"}
@@ -137,13 +155,18 @@ def main() -> None:
     unmerge_lora(ours)
     theirs.base_model.unmerge_adapter()
 
-    print(f"\nLoRA r={config.r} on {len(targets)} linears of the tiny LLaVA; device {device}, "
+    print(f"\nLoRA r={config.r}, dropout {config.dropout} on {len(targets)} linears of the tiny LLaVA; device {device}, "
           f"{torch.get_num_threads()} thread(s), timed by {best_clock().__name__}; "
           f"training batch {args.batch}, seq {inputs['input_ids'].shape[1]}")
     print(f"\ntraining step, {args.steps} interleaved rounds (x = vs HF peft in the same round)")
     print(table(step, "HF peft", label="contender"))
     print("memory MiB (saved for backward + grads + AdamW state): "
           + ", ".join(f"{name} {mib:.2f}" for name, mib in memory.items()))
+    shared = step["shared (no LoRA)"].median
+    own = {name: step[name].median - shared for name in ("vla_peft", "HF peft")}
+    print("LoRA's own work per step (step - shared, medians): "
+          + ", ".join(f"{name} {ms * 1e3:.2f} ms ({100 * ms / step[name].median:.1f} % of its step)" for name, ms in own.items())
+          + f"; 0.9x HF peft's step needs vla_peft's own work <= {(0.9 * step['HF peft'].median - shared) * 1e3:.2f} ms")
     print(f"\nforward at batch 1, {args.forwards} interleaved rounds (x = vs the base in the same round)")
     print(table(latency, "base", label="unmerged"))
     print(table(latency_merged, "base", label="merged"))

@@ -52,6 +52,24 @@ def test_same_weights_same_logits_as_peft(tiny_llava_dir, ours):
     torch.testing.assert_close(ours_out, logits(twin, inputs), rtol=0, atol=1e-5)
 
 
+def test_same_loss_and_lora_gradients_as_peft(tiny_llava_dir, ours):
+    """The training path (the update added into the base's fresh output in place) keeps autograd exact."""
+    inputs = vlm_inputs(ours)
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == ours.config.image_token_index, -100)
+    twin = peft_twin(tiny_llava_dir, ours).train()
+    losses = [model.train()(**inputs, labels=labels).loss for model in (ours, twin)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-5)
+    theirs = dict(twin.named_parameters())
+    for path, layer in lora_layers(ours).items():
+        for x in "AB":
+            grad = getattr(layer.adapters["default"], f"lora_{x}").weight.grad
+            assert grad.abs().sum() > 0, (path, x)
+            torch.testing.assert_close(grad, theirs[f"base_model.model.{path}.lora_{x}.default.weight"].grad,
+                                       rtol=1e-4, atol=1e-6)
+
+
 def test_our_export_loads_in_peft(tiny_llava_dir, ours, tmp_path):
     inputs = vlm_inputs(ours)
     save_adapter(ours, tmp_path / "ours")

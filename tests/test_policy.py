@@ -213,3 +213,24 @@ def test_camera_without_scene_mean_falls_back_to_the_processor_stats_with_one_wa
     norm = load_image_norm(base)
     torch.testing.assert_close(out[:, 0], (images[:, 0] - norm.means["agentview"]) / norm.std)
     torch.testing.assert_close(out[:, 1], (images[:, 1] - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1))
+
+
+@pytest.mark.parametrize("head", ["continuous", "flow", "discrete"])
+def test_policy_built_from_own_state_acts_as_the_source_and_draws_no_init(head, tiny_llava_dir, datasets, demos):
+    """``own_state`` (the bundle-load path) skips the init that the loaded weights replace: the new
+    policy holds exactly the source's weights and buffers, acts identically, and consumes no random numbers."""
+    source = make_policy(tiny_llava_dir, datasets, aux_keys=["ee_pos"], aux_dim=3, head=head)
+    torch.manual_seed(1)
+    expected_draw = torch.rand(4)
+    torch.manual_seed(1)
+    built = VLAPolicy(source.config, source.vlm, source.processor, own_state=source.own_state_dict())
+    assert torch.equal(torch.rand(4), expected_draw)  # no init drawn
+    ours, theirs = built.state_dict(), source.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    for (name, buffer), (_, wanted) in zip(built.head.named_buffers(), source.head.named_buffers()):
+        assert torch.equal(buffer, wanted), name  # non-persistent buffers are computed, not skipped
+    built.normalizers = source.normalizers
+    obs = raw_obs(demos)
+    np.testing.assert_array_equal(built.predict_chunk(obs), source.predict_chunk(obs))
+    with pytest.raises(ValueError, match="policy weights do not match"):
+        VLAPolicy(source.config, source.vlm, source.processor, own_state={"queries": source.queries.detach()})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import types
@@ -53,7 +54,7 @@ def check_values(cls, values: dict, section: str) -> dict:
     """Check keys, types and ranges; return the values with YAML's quirks undone (``1e-3`` is read
     as a string by PyYAML; a single string where a list is wanted becomes a one-item list)."""
     check_keys(cls, values, section)
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     out = {}
     for key, value in values.items():
         out[key] = _coerce(hints[key], value, f"{section}.{key}")
@@ -64,6 +65,13 @@ def check_values(cls, values: dict, section: str) -> dict:
         if key in out and out[key] is not None and not out[key] >= 0:
             raise ValueError(f"{section}.{key}={out[key]!r}: must be >= 0")
     return out
+
+
+@functools.cache
+def _type_hints(cls) -> dict:
+    """A class's resolved field types, once per class: ``typing.get_type_hints`` evaluates every
+    annotation string again on each call, and a config is checked at every bundle load."""
+    return typing.get_type_hints(cls)
 
 
 def build_config(cls, values: dict, section: str):

@@ -13,14 +13,15 @@ from vla_peft.peft.report import ParameterReport, parameter_report
 
 
 def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default",
-           report: bool = True) -> ParameterReport | None:
+           report: bool = True, weights: dict | None = None) -> ParameterReport | None:
     """Freeze all of ``model``, add ``config``'s modules under ``adapter_name`` and make only
     them trainable. Injecting a second LoRA config under a new name adds a second adapter to
     the same layers and makes it the active (and only trainable) one.
 
     The config is recorded as ``model.peft_config_vla[adapter_name]`` so that it can be saved.
     Returns the parameter report, or None with ``report=False``: counting walks every parameter,
-    resident adapters included, so loading many bundles (AdapterBank) skips it.
+    resident adapters included, so loading many bundles (AdapterBank) skips it. ``weights`` (LoRA
+    only: module path -> saved (A, B)) builds the adapters from a file's tensors (see ``inject_lora``).
     """
     configs = getattr(model, "peft_config_vla", None) or {}
     if adapter_name in configs:
@@ -28,7 +29,7 @@ def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default"
             f"the model already has an adapter named {adapter_name!r} ({configs[adapter_name].method}); "
             "pass another adapter_name"
         )
-    modules = _inject_method(model, config, adapter_name)
+    modules = _inject_method(model, config, adapter_name, weights)
     freeze(model)
     for module in modules:
         module.adapter_name = adapter_name
@@ -47,9 +48,11 @@ INJECTORS = {
 }
 
 
-def _inject_method(model: nn.Module, config: MethodConfig, adapter_name: str) -> list[PeftModule]:
+def _inject_method(model: nn.Module, config: MethodConfig, adapter_name: str, weights: dict | None) -> list[PeftModule]:
     if isinstance(config, LoraConfig):
-        return inject_lora(model, config, adapter_name)
+        return inject_lora(model, config, adapter_name, weights)
+    if weights is not None:
+        raise ValueError(f"inject builds {config.method!r} modules from their init only; pass weights=None")
     if config.method not in INJECTORS:
         raise ValueError(f"inject does not know method {config.method!r}; known: {['lora', *INJECTORS]}")
     module, function = INJECTORS[config.method]

@@ -125,20 +125,17 @@ def _load_lora(model, config, tensors, fingerprint, adapter_name, path, report) 
     # An adapter trained over NF4 loads onto a full-precision base and the other way round.
     config = dataclasses.replace(config, load_in_4bit=all(is_4bit(b) for b in bases.values()))
     _check_keys({f"{PEFT_PREFIX}{p}.lora_{x}.weight" for p in shapes for x in "AB"}, tensors, path)
-    counts = inject(model, config, adapter_name, report=report)
-    layers = lora_layers(model)
-    with torch.no_grad():
-        for p in shapes:
-            adapter = layers[p].adapters[adapter_name]
-            for x, linear in (("A", adapter.lora_A), ("B", adapter.lora_B)):
-                value = tensors[f"{PEFT_PREFIX}{p}.lora_{x}.weight"]
-                if value.shape != linear.weight.shape:
-                    raise ValueError(
-                        f"{path}: lora_{x} of {p} has shape {list(value.shape)} but r={config.r} needs "
-                        f"{list(linear.weight.shape)}; the file and its config disagree"
-                    )
-                linear.weight.copy_(value)
-    return counts
+    weights = {p: (tensors[f"{PEFT_PREFIX}{p}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{p}.lora_B.weight"]) for p in shapes}
+    for p, (lora_A, lora_B) in weights.items():
+        (d_out, d_in), r = shapes[p], config.r
+        for x, value, wanted in (("A", lora_A, [r, d_in]), ("B", lora_B, [d_out, r])):
+            if list(value.shape) != wanted:
+                raise ValueError(
+                    f"{path}: lora_{x} of {p} has shape {list(value.shape)} but r={r} needs {wanted}; "
+                    "the file and its config disagree"
+                )
+    # The adapters are made of the file's tensors: no init drawn only to be overwritten.
+    return inject(model, config, adapter_name, report=report, weights=weights)
 
 
 def _linear_shape(linear: nn.Module) -> list[int]:

@@ -67,26 +67,33 @@ class ActiveAdapter:
 
 class LoraWeight(nn.Module):
     """A bare (out, in) weight, named like ``nn.Linear``'s so that keys read ``lora_A.weight`` as in
-    HF peft. Not an ``nn.Linear``: that one initialises its weight in its constructor, a second
-    time over, and adding a bundle to a bank builds dozens of these."""
+    HF peft. Not an ``nn.Linear``: that one initialises its weight in its constructor, and adding a
+    bundle to a bank builds dozens of these."""
 
-    def __init__(self, d_out: int, d_in: int, device=None) -> None:
+    def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(d_out, d_in, device=device, dtype=torch.float32))
+        # Straight into the parameter table: register_parameter's checks cost more than the rest of
+        # this module's construction, and the name is fixed.
+        self._parameters["weight"] = nn.Parameter(weight)
 
 
 class LoraAdapter(PeftModule):
-    """One named low-rank update: x -> B(A(dropout(x))) * scaling, in float32."""
+    """One named low-rank update: x -> B(A(dropout(x))) * scaling, in float32, made of the given
+    (r, in) and (out, r) weights (``initial`` draws a fresh pair)."""
 
-    def __init__(self, d_in: int, d_out: int, r: int, scaling: float, dropout: float, device=None) -> None:
+    def __init__(self, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dropout: float) -> None:
         super().__init__()
-        self.lora_A = LoraWeight(r, d_in, device)
-        self.lora_B = LoraWeight(d_out, r, device)
+        self._modules["lora_A"] = LoraWeight(lora_A)  # as LoraWeight's parameter: the names are fixed
+        self._modules["lora_B"] = LoraWeight(lora_B)
         self.dropout = dropout  # a probability, applied with F.dropout: no module call per forward
         self.scaling = scaling
-        # A as nn.Linear's own init (Kaiming-uniform, a=sqrt(5)), B zero: B·A = 0 at init.
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+
+    @classmethod
+    def initial(cls, d_in: int, d_out: int, r: int, scaling: float, dropout: float, device=None) -> LoraAdapter:
+        """A as nn.Linear's own init (Kaiming-uniform, a=sqrt(5)), B zero: B·A = 0 at init."""
+        lora_A = torch.empty(r, d_in, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        return cls(lora_A, torch.zeros(d_out, r, device=device, dtype=torch.float32), scaling, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dropout and self.training:
@@ -95,15 +102,20 @@ class LoraAdapter(PeftModule):
         # elementwise pass d_out/r times smaller, forward and backward, and saves nothing extra.
         return F.linear(F.linear(x, self.lora_A.weight) * self.scaling, self.lora_B.weight)
 
-    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``out + forward(x)`` in two ops instead of four: the scaling, the second matmul and the
-        sum are one ``addmm`` (same maths; float rounding may differ in the last bit)."""
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+        """``out + forward(x)`` for 2D (tokens, features) ``out`` and ``x``, in two ops instead of four:
+        the scaling, the second matmul and the sum are one ``addmm`` (same maths; float rounding may
+        differ in the last bit). ``in_place`` writes the sum into ``out``, for an ``out`` the caller
+        just made (autograd allows it: the matmul that made ``out`` does not keep it for backward)."""
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout, training=True)
-        h = F.linear(x, self.lora_A.weight)
-        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.weight.t(),
-                           alpha=self.scaling)
-        return flat.view(out.shape)
+        # The weights straight from the module tables: at batch 1, nn.Module.__getattr__ (two per
+        # weight) costs about what the matmuls do.
+        lora_A, lora_B = self._modules["lora_A"]._parameters["weight"], self._modules["lora_B"]._parameters["weight"]
+        h = F.linear(x, lora_A)
+        if in_place:
+            return out.addmm_(h, lora_B.t(), alpha=self.scaling)
+        return torch.addmm(out, h, lora_B.t(), alpha=self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """The update as a dense (d_out, d_in) matrix."""
@@ -152,25 +164,28 @@ class LoraLinear(PeftWrapper):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
-    def add_adapter(self, name: str, config: LoraConfig) -> LoraAdapter:
+    def add_adapter(self, name: str, config: LoraConfig,
+                    weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> LoraAdapter:
+        """Add adapter ``name``, freshly initialised, or made of ``weights`` (A, B) as a file holds
+        them (copied in float32 onto the base's device; nothing is drawn that they would replace)."""
         if name in self.adapters:
             raise ValueError(f"this layer already has a LoRA adapter named {name!r}; choose another adapter_name")
-        adapter = LoraAdapter(
-            self.base_layer.in_features,
-            self.base_layer.out_features,
-            config.r,
-            config.scaling,
-            config.dropout,
-            device=self.base_layer.weight.device,
-        )
+        base = self.base_layer
+        if weights is None:
+            adapter = LoraAdapter.initial(base.in_features, base.out_features, config.r, config.scaling,
+                                          config.dropout, device=base.weight.device)
+        else:
+            device = base.weight.device
+            lora_A, lora_B = (w.to(device, torch.float32, copy=True) for w in weights)
+            adapter = LoraAdapter(lora_A, lora_B, config.scaling, config.dropout)
         self.adapters[name] = adapter.train(self.training)  # dropout off in an eval-mode model
         return adapter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Called once per layer per forward, so it does no more Python than it must: the adapter is
-        # applied by a plain method (no module __call__ and its hook checks) in two ops, which at
-        # batch 1 is most of what unmerged LoRA costs beyond its two small matmuls.
-        out = self._base_forward(x)
+        # Called once per layer per forward, so it does no more Python, nor more torch ops, than it
+        # must: the adapter is applied by a plain method (no module __call__ and its hook checks), on
+        # the tokens flattened once to 2D (so no matmul reshapes on its own), its second matmul, the
+        # scaling and the sum in one addmm written into the base's fresh output.
         name = self.active.name
         if self.merged_adapter is not None:
             if name != self.merged_adapter or not self.adapters[name].enabled:
@@ -178,22 +193,34 @@ class LoraLinear(PeftWrapper):
                     f"LoRA adapter {self.merged_adapter!r} is merged into the base weights; "
                     "unmerge it before switching or disabling adapters"
                 )
-            return out
-        adapter = self.adapters._modules.get(name) if name is not None else None
+            return self._base_forward(x)
+        modules = self._modules  # the tables directly, as in LoraAdapter.add_to
+        adapter = modules["adapters"]._modules.get(name) if name is not None else None
         if adapter is None or not adapter.enabled:
-            return out
+            return self._base_forward(x)
+        base = modules["base_layer"]
+        if x.dtype == torch.float32 and self._plain_base(base):
+            weight, bias = base._parameters["weight"], base._parameters["bias"]
+            if weight.dtype == torch.float32:
+                flat = x.reshape(-1, x.shape[-1])
+                out = adapter.add_to(F.linear(flat, weight, bias), flat, in_place=True)
+                return out.view(*x.shape[:-1], out.shape[-1])
+        out = base(x)
         if x.dtype != torch.float32 or out.dtype != torch.float32:
             return out + adapter.forward(x.float()).to(out.dtype)
-        return adapter.add_to(out, x)
+        return adapter.add_to(out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1])).view(out.shape)
+
+    @staticmethod
+    def _plain_base(base: nn.Module) -> bool:
+        """A plain ``nn.Linear`` with no hooks of its own (nor a patched ``forward``, as accelerate's
+        offloading installs): it is applied with ``F.linear`` directly, the same op without a second
+        module call per layer (global module hooks are not run for it)."""
+        return type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__)
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen linear's output. A plain ``nn.Linear`` with no hooks of its own (nor a patched
-        ``forward``, as accelerate's offloading installs) is applied with ``F.linear`` directly: the
-        same op without a second module call per layer (global module hooks are not run for it)."""
+        """The frozen linear's output (``F.linear`` for a plain one, see ``_plain_base``)."""
         base = self.base_layer
-        if type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__):
-            return F.linear(x, base.weight, base.bias)
-        return base(x)
+        return F.linear(x, base.weight, base.bias) if self._plain_base(base) else base(x)
 
     def merge(self, name: str) -> None:
         """Add adapter ``name``'s update into the base weight (full-precision bases only)."""
@@ -225,9 +252,12 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, LoraLinear))
 
 
-def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> list[LoraAdapter]:
+def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+                weights: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[LoraAdapter]:
     """Wrap every targeted linear (or reuse its wrapper) and add adapter ``adapter_name``;
-    the new adapter becomes the active one. Returns the new (trainable) adapters."""
+    the new adapter becomes the active one. Returns the new (trainable) adapters. ``weights``
+    (module path -> (A, B), one pair per target) makes the adapters of a saved pair each instead
+    of a fresh init."""
     refuse_if_merged(model, "add a LoRA adapter")
     targets = find_targets(model, config.targets, accept=is_linear, kind="linear")
     bases = [t.module.base_layer if isinstance(t.module, LoraLinear) else t.module for t in targets]
@@ -249,7 +279,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
             _replace(model, target.path, layer)
         if layer.merged_adapter is not None:
             raise RuntimeError(f"{target.path} has a merged LoRA adapter; unmerge it before adding another")
-        created.append(layer.add_adapter(adapter_name, config))
+        created.append(layer.add_adapter(adapter_name, config, None if weights is None else weights[target.path]))
     active.name = adapter_name
     return created
 

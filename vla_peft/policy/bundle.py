@@ -172,11 +172,10 @@ def load_bundle(path: str | Path, vlm: nn.Module | None = None, processor=None, 
         vlm, processor = load_vlm(config.base, dtype=config.dtype, load_in_4bit=config.load_in_4bit)
     check_base(manifest, vlm, path)
     state, normalizers = read_own_files(path)  # before the base is touched
-    policy = VLAPolicy(config, vlm, processor, method_config=None)
+    policy = VLAPolicy(config, vlm, processor, own_state=state)
     if manifest["method"] is not None:
         load_method_weights(vlm, path / "adapter")
         policy.method_config = load_method(manifest["method"])
-    policy.load_own_state_dict(state)
     policy.normalizers = normalizers
     policy.requires_grad_(False)
     return policy.eval()

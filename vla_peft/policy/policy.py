@@ -14,11 +14,13 @@ applies the same steps itself (same crop, same normalisers), then un-normalises.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from vla_peft.data.augment import ImageAugment, to_float_chw
 from vla_peft.data.stats import Normalizer
@@ -34,8 +36,30 @@ PROMPT_CACHE_SIZE = 4096  # tokenised prompts kept (a task has a handful of inst
 AUX_RANGE = 3.0  # aux targets are clamped to [-3, 3] normalised (mean/std) units
 
 
+class SkipInit(TorchFunctionMode):
+    """Inside it, ``torch.nn.init``'s functions and the random fills they end in leave their tensor as
+    it is: the layers built are left uninitialised, for weights that are loaded over them at once. A
+    torch function mode, so it holds for this thread alone and patches nothing."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in INIT_FUNCTIONS:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+# Some of nn.init's functions (xavier_uniform_, used by attention layers) go straight to the fills.
+INIT_FUNCTIONS = frozenset([*(getattr(nn.init, name) for name in nn.init.__all__ if name.endswith("_")),
+                            torch.Tensor.uniform_, torch.Tensor.normal_])
+
+
 class VLAPolicy(nn.Module):
-    def __init__(self, config: PolicyConfig, vlm: nn.Module, processor=None, method_config=None):
+    """The frozen VLM, its PEFT modules and the policy's own parts (see the module's docstring).
+    ``own_state`` (a bundle's ``own_state_dict``) gives the own parts those weights, built without the
+    random init they would replace, and leaves the VLM's trainable flags as they are (the loaders,
+    ``AdapterBank`` and ``load_bundle``, freeze what they load): a bank builds one per bundle it loads."""
+
+    def __init__(self, config: PolicyConfig, vlm: nn.Module, processor=None, method_config=None,
+                 own_state: dict[str, torch.Tensor] | None = None):
         super().__init__()
         if config.state_dim is None or config.image_size is None:
             raise ValueError("policy config: state_dim and image_size must be set (training fills them from the dataset)")
@@ -43,7 +67,8 @@ class VLAPolicy(nn.Module):
             raise ValueError("policy config: aux_keys are set but aux_dim is not (training fills it from the dataset)")
         self.config, self.processor, self.method_config = config, processor, method_config
         self.vlm = vlm
-        freeze_vlm(vlm)
+        if own_state is None:  # a policy loaded from a bundle: its loader freezes the base itself
+            freeze_vlm(vlm)
         self.peft_report = inject_method(vlm, method_config) if method_config is not None else None
         self.tokenizer = getattr(processor, "tokenizer", processor)
         if self.tokenizer is None:
@@ -55,6 +80,22 @@ class VLAPolicy(nn.Module):
         self.image_token_id = vlm.config.image_token_id
         self.model_image_size = vlm.config.vision_config.image_size
 
+        init = own_state is None
+        with contextlib.nullcontext() if init else SkipInit():
+            self._build_own_parts(config, vlm, hidden, init)
+        if own_state is not None:
+            self.load_own_state_dict(own_state)
+        self.normalizers: dict[str, Normalizer] | None = None
+        self._eval_crop = ImageAugment(crop_scale=config.center_crop) if config.center_crop < 1 else None
+        self.pixels = PixelNormalizer(config.cameras, self.model_image_size, processor,
+                                      config.base if config.base and Path(config.base).is_dir() else None)
+        self._prompt_ids: dict[tuple[str, int], list[int]] = {}
+        self.reset()
+
+    # ------------------------------------------------------------------ building
+    def _build_own_parts(self, config: PolicyConfig, vlm: nn.Module, hidden: int, init: bool) -> None:
+        """The head, the action queries, the proprio projector and the aux head (the queries drawn
+        only with ``init``)."""
         if config.head == "continuous":
             self.head = ContinuousHead(hidden, config.action_dim, config.chunk_size, config.head_width)
         elif config.head == "flow":
@@ -63,8 +104,11 @@ class VLAPolicy(nn.Module):
         else:
             self.head = DiscreteHead(vlm.get_output_embeddings(), len(self.tokenizer), self.tokenizer.all_special_ids,
                                      config.action_dim, config.chunk_size, config.n_bins)
-        embed_std = float(vlm.get_input_embeddings().weight.float().std())
-        self.queries = nn.Parameter(torch.randn(self.head.num_queries, hidden) * embed_std)
+        if init:
+            embed_std = float(vlm.get_input_embeddings().weight.float().std())
+            self.queries = nn.Parameter(torch.randn(self.head.num_queries, hidden) * embed_std)
+        else:
+            self.queries = nn.Parameter(torch.empty(self.head.num_queries, hidden))
         self.proprio = (
             nn.Sequential(nn.Linear(config.state_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
             if config.state_dim > 0 else None
@@ -75,14 +119,7 @@ class VLAPolicy(nn.Module):
                           nn.Linear(config.head_width, config.aux_dim))
             if config.aux_keys else None
         )
-        self.normalizers: dict[str, Normalizer] | None = None
-        self._eval_crop = ImageAugment(crop_scale=config.center_crop) if config.center_crop < 1 else None
-        self.pixels = PixelNormalizer(config.cameras, self.model_image_size, processor,
-                                      config.base if config.base and Path(config.base).is_dir() else None)
-        self._prompt_ids: dict[tuple[str, int], list[int]] = {}
-        self.reset()
 
-    # ------------------------------------------------------------------ building
     @classmethod
     def from_config(cls, config: PolicyConfig, method_config=None, normalizers: dict[str, Normalizer] | None = None,
                     vlm=None, processor=None) -> VLAPolicy:

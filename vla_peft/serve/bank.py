@@ -108,8 +108,7 @@ class AdapterBank:
         method = load_method(manifest["method"])
         self._check_method(method, str(path))
         state, normalizers = read_own_files(path)
-        policy = VLAPolicy(PolicyConfig.from_dict(manifest["policy"]), self.vlm, self.processor, method_config=None)
-        policy.load_own_state_dict(state)
+        policy = VLAPolicy(PolicyConfig.from_dict(manifest["policy"]), self.vlm, self.processor, own_state=state)
         policy.normalizers = normalizers
         if method is not None:  # last: a bundle refused above leaves the base untouched
             load_adapter(self.vlm, path / "adapter", adapter_name=name, report=False)
@@ -126,8 +125,7 @@ class AdapterBank:
             raise ValueError(f"bundle {name!r}: the policy has no normalisation statistics; train it first")
         method = source.method_config
         self._check_method(method, name)
-        policy = VLAPolicy(source.config, self.vlm, self.processor, method_config=None)
-        policy.load_own_state_dict(source.own_state_dict())
+        policy = VLAPolicy(source.config, self.vlm, self.processor, own_state=source.own_state_dict())
         policy.normalizers = source.normalizers
         if method is not None:
             source_name = source.vlm.lora_active_adapter.name
