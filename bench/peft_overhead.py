@@ -83,6 +83,9 @@ class Trainer:
         return (saved + grads + adam) / 2**20
 
 
+SHARED = "shared (no LoRA)"  # the row of the frozen base alone
+
+
 class SharedPart:
     """What every LoRA implementation's training step shares: the frozen base's forward and the
     backward through it to its input, with no LoRA at all. A step minus this is the implementation's
@@ -127,12 +130,12 @@ def main() -> None:
     # Training step: time and memory.
     inputs = make_inputs(base, args.batch)
     trainers = {"vla_peft": Trainer(ours, inputs, device), "HF peft": Trainer(theirs, inputs, device),
-                "shared (no LoRA)": SharedPart(base, inputs, device)}
+                SHARED: SharedPart(base, inputs, device)}
     for trainer in trainers.values():
         for _ in range(3):
             trainer.step()
     step = interleave({k: t.step for k, t in trainers.items()}, args.steps, progress="training steps")
-    memory = {name: trainer.memory_mib() for name, trainer in trainers.items() if name != "shared (no LoRA)"}
+    memory = {name: trainer.memory_mib() for name, trainer in trainers.items() if name != SHARED}
 
     # Forward latency at batch 1.
     one = {k: v.to(device) for k, v in make_inputs(base, 1).items() if k != "labels"}
@@ -162,7 +165,7 @@ def main() -> None:
     print(table(step, "HF peft", label="contender"))
     print("memory MiB (saved for backward + grads + AdamW state): "
           + ", ".join(f"{name} {mib:.2f}" for name, mib in memory.items()))
-    shared = step["shared (no LoRA)"].median
+    shared = step[SHARED].median
     own = {name: step[name].median - shared for name in ("vla_peft", "HF peft")}
     print("LoRA's own work per step (step - shared, medians): "
           + ", ".join(f"{name} {ms * 1e3:.2f} ms ({100 * ms / step[name].median:.1f} % of its step)" for name, ms in own.items())

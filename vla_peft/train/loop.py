@@ -241,7 +241,7 @@ def evaluate(policy: VLAPolicy, val_set, cfg) -> dict[str, float]:
     loader = DataLoader(val_set, batch_size=max(1, cfg.batch_size // cfg.grad_accum), shuffle=True,
                         generator=torch.Generator().manual_seed(0), num_workers=cfg.num_workers)
     sums: dict[str, float] = {}
-    count = 0
+    counts: dict[str, int] = {}  # per metric: a batch of one sample has no other sample's images
     for i, batch in enumerate(loader):
         if i >= cfg.val_batches:
             break
@@ -250,5 +250,5 @@ def evaluate(policy: VLAPolicy, val_set, cfg) -> dict[str, float]:
             results["l1_images_shuffled"] = policy({**batch, "images": batch["images"].roll(1, 0)})["l1"]
         for key, value in results.items():
             sums[key] = sums.get(key, 0.0) + float(value)
-        count += 1
-    return {f"val_{k}": v / max(count, 1) for k, v in sums.items()}
+            counts[key] = counts.get(key, 0) + 1
+    return {f"val_{k}": v / counts[k] for k, v in sums.items()}
