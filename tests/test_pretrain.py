@@ -159,6 +159,21 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(trained, tmp_path):
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_language_stage_extends_a_finished_run_and_leaves_the_vision_side_exactly_as_it_was(trained, tmp_path):
+    out_full, _ = trained
+    shutil.copytree(out_full, tmp_path, dirs_exist_ok=True)
+    report = pretrain(tmp_path, PretrainConfig(**TINY, lr=3e-3, lm_steps=3), resume=True, threads=1)
+    assert report["steps_done"] == TINY["vision_steps"] + TINY["steps"] + 3
+    before, after = load_file(out_full / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    vision = [n for n in before if "vision_tower" in n or "multi_modal_projector" in n]
+    language = [n for n in before if "language_model" in n and "layers" in n]
+    assert vision and language
+    assert all(torch.equal(before[n], after[n]) for n in vision)
+    assert any(not torch.equal(before[n], after[n]) for n in language)
+    with pytest.raises(ValueError, match="different recipe"):  # its LLaVA stage is over: its length is fixed
+        pretrain(tmp_path, PretrainConfig(**{**TINY, "steps": 9}, lr=3e-3, lm_steps=3), resume=True, threads=1)
+
+
 def test_scene_rendering_is_deterministic():
     a, b = render_scenes(6, seed=3, image_size=64, progress=False), render_scenes(6, seed=3, image_size=64, progress=False)
     assert torch.equal(a.images, b.images) and a.annotations == b.annotations

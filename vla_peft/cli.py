@@ -119,6 +119,7 @@ def cmd_pretrain_base(args: argparse.Namespace) -> int:
 
     recipe = dict(RECIPES[args.recipe])
     recipe.update({"seed": args.seed, **({} if args.steps is None else {"steps": args.steps}),
+                   **({} if args.lm_steps is None else {"lm_steps": args.lm_steps}),
                    **({} if args.lr is None else {"lr": args.lr})})
     cfg = PretrainConfig(**recipe)
     report = pretrain(args.out, cfg, resume=args.resume, minutes=args.minutes, threads=args.threads)
@@ -258,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--steps", type=int, default=None,
                      help="training steps of 16 images x 4 questions (+48 or 64 images for the vision tower) "
                           "(default: the recipe's, 3,000, 4,000 or 1,500)")
+    pre.add_argument("--lm-steps", type=int, default=None,
+                     help="steps of a last stage that trains the language model alone, the vision side frozen "
+                          "(default: the recipe's)")
     pre.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this much training time (default: no limit)")
     pre.add_argument("--seed", type=int, default=0, help="seed of scenes, weights and batches (default: 0)")
     pre.add_argument("--lr", type=float, default=None,
