@@ -251,14 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     pre = sub.add_parser("pretrain-base", help="pretrain the tiny CPU base VLM on simulator scenes (no actions)")
     pre.add_argument("--out", required=True, help="checkpoint directory to write")
-    pre.add_argument("--recipe", choices=["shipped", "locator", "vision-first"], default="shipped",
-                     help="shipped: the recipe of the shipped base (3,000 steps, 8,000 scenes); locator: posed scenes, "
-                          "the locator target and fine answers (4,000 steps, 80,000 scenes); vision-first: the locator "
-                          "recipe with patches of 8 px and 3,000 vision-only steps before 1,500 LLaVA steps "
-                          "(docs/base-models.md) (default: shipped)")
+    pre.add_argument("--recipe", choices=["vision-first", "scene-code", "locator"], default="vision-first",
+                     help="vision-first: the shipped base's (patches of 8 px; 3,000 vision-only steps, 1,500 LLaVA "
+                          "steps, 3,000 language-only steps; docs/base-models.md); scene-code: the first shipped base's "
+                          "(3,000 steps, 8,000 scenes); locator: posed scenes, the locator target and fine answers "
+                          "(4,000 steps, 80,000 scenes) (default: vision-first)")
     pre.add_argument("--steps", type=int, default=None,
-                     help="training steps of 16 images x 4 questions (+48 or 64 images for the vision tower) "
-                          "(default: the recipe's, 3,000, 4,000 or 1,500)")
+                     help="LLaVA-stage steps of 16 images x 4 questions (+48 or 64 images for the vision tower) "
+                          "(default: the recipe's, 1,500, 3,000 or 4,000)")
     pre.add_argument("--lm-steps", type=int, default=None,
                      help="steps of a last stage that trains the language model alone, the vision side frozen "
                           "(default: the recipe's)")

@@ -8,9 +8,9 @@ from pathlib import Path
 SHIPPED = Path(__file__).parent / "base"
 CACHE_ENV = "VLA_PEFT_BASE_CACHE"
 
-# The exact recipe of the shipped base; `vla-peft pretrain-base` with these options rebuilds it.
-RECIPE = {"steps": 3000, "seed": 0}
-REBUILD_COMMAND = "vla-peft pretrain-base --out <dir> --steps 3000 --seed 0 --threads 1"
+# The exact recipe of the shipped base (a key of train.RECIPES) and the command that rebuilds it.
+RECIPE, SEED = "vision-first", 0
+REBUILD_COMMAND = f"vla-peft pretrain-base --out <dir> --recipe {RECIPE} --seed {SEED} --threads 1"
 
 
 def cache_path() -> Path:
@@ -37,7 +37,7 @@ def default_base_path(build: bool = True) -> Path:
         raise FileNotFoundError(
             f"no tiny pretrained base in {SHIPPED} or {cache}; build it with `{REBUILD_COMMAND.replace('<dir>', str(cache))}`"
         )
-    from vla_peft.pretrain.train import PretrainConfig, pretrain
+    from vla_peft.pretrain.train import RECIPES, PretrainConfig, pretrain
 
-    pretrain(cache, PretrainConfig(**RECIPE), resume=cache.exists())
+    pretrain(cache, PretrainConfig(**RECIPES[RECIPE], seed=SEED), resume=cache.exists())
     return cache
