@@ -17,11 +17,15 @@ def test_task_train_config_matches_the_demo_settings(task, tmp_path):
     apart from the paths the demo chooses itself (base, data file, output folder)."""
     config = load_run_config(REPO / "configs" / "train" / f"{task.lower()}_lora.yaml")
     own, run_overrides = split_overrides([])
-    _, play, demo = prepare_task(task, DemoConfig(tasks=[task]), "", tmp_path, own, run_overrides)
-    assert play is None and "grounding_paths" not in config.data
+    collect, play, demo = prepare_task(task, DemoConfig(tasks=[task]), "", tmp_path, own, run_overrides)
     assert config.method.to_dict() == demo.method.to_dict()
     assert {**config.policy.to_dict(), "base": ""} == demo.policy.to_dict()
-    assert {**config.data, "paths": None} == {**demo.data, "paths": None}
+    assert {**config.data, "paths": None, "grounding_paths": None} == {**demo.data, "paths": None, "grounding_paths": None}
+    assert [Path(p).as_posix() for p in config.data["grounding_paths"]][0].endswith(f"demos/{task.lower()}_play.hdf5")
+    header = (REPO / "configs" / "train" / f"{task.lower()}_lora.yaml").read_text()  # the commands that make its data
+    assert f"--episodes {collect.episodes} --out demos/{task.lower()}.hdf5" in header and f"--seed {collect.seed}" in header
+    assert f"--play --episodes {play.episodes} --max-steps {play.max_steps} --out demos/{task.lower()}_play.hdf5" in header
+    assert f"--seed {play.seed}" in header
     assert dataclasses.replace(config.train, output_dir="x") == dataclasses.replace(demo.train, output_dir="x")
     assert [Path(p).as_posix() for p in config.data["paths"]][0].endswith(f"demos/{task.lower()}.hdf5")
     assert Path(config.policy.base).resolve() == REPO / "vla_peft" / "pretrain" / "base"  # resolved wherever it runs from
