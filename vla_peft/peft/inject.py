@@ -13,7 +13,7 @@ from vla_peft.peft.report import ParameterReport, parameter_report
 
 
 def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default",
-           report: bool = True, weights: dict | None = None) -> ParameterReport | None:
+           report: bool = True, weights: dict | None = None, base_frozen: bool = False) -> ParameterReport | None:
     """Freeze all of ``model``, add ``config``'s modules under ``adapter_name`` and make only
     them trainable. Injecting a second LoRA config under a new name adds a second adapter to
     the same layers and makes it the active (and only trainable) one.
@@ -22,6 +22,8 @@ def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default"
     Returns the parameter report, or None with ``report=False``: counting walks every parameter,
     resident adapters included, so loading many bundles (AdapterBank) skips it. ``weights`` (LoRA
     only: module path -> saved (A, B)) builds the adapters from a file's tensors (see ``inject_lora``).
+    ``base_frozen=True`` skips the walk that freezes the base, for a caller that keeps it frozen
+    (AdapterBank: a load then costs the same however large the base).
     """
     configs = getattr(model, "peft_config_vla", None) or {}
     if adapter_name in configs:
@@ -30,7 +32,7 @@ def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default"
             "pass another adapter_name"
         )
     modules = _inject_method(model, config, adapter_name, weights)
-    freeze(model)
+    freeze(model, base=not base_frozen)
     for module in modules:
         module.adapter_name = adapter_name
         module.requires_grad_(True)

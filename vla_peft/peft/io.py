@@ -71,11 +71,12 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
 
 
 def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default",
-                 report: bool = True) -> ParameterReport | None:
+                 report: bool = True, base_frozen: bool = False) -> ParameterReport | None:
     """Inject the adapter saved at ``path`` into ``model`` under ``adapter_name`` and fill in its
     weights. Works for our directories and for LoRA directories saved by HF peft. Refuses,
     before touching the model where it can, an adapter made for a different base. Returns the
-    parameter report (None with ``report=False``, which keeps a load's cost flat; see ``inject``)."""
+    parameter report (None with ``report=False``, which keeps a load's cost flat; see ``inject``,
+    also for ``base_frozen``)."""
     path = Path(path)
     if not (path / WEIGHTS).is_file():
         raise FileNotFoundError(f"{path} is not an adapter directory: {WEIGHTS} is missing")
@@ -92,8 +93,8 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         raise FileNotFoundError(f"{path} has neither {OURS} nor {PEFT_CONFIG}; it was not written by save_adapter or peft")
 
     if isinstance(config, LoraConfig):
-        return _load_lora(model, config, tensors, fingerprint, adapter_name, path, report)
-    counts = inject(model, config, adapter_name, report=report)
+        return _load_lora(model, config, tensors, fingerprint, adapter_name, path, report, base_frozen)
+    counts = inject(model, config, adapter_name, report=report, base_frozen=base_frozen)
     params = {f"{p}.{n}": param for p, m in peft_modules(model, adapter_name).items() for n, param in m.named_parameters()}
     _check_keys(set(params), tensors, path)
     with torch.no_grad():
@@ -116,7 +117,7 @@ def base_fingerprint(model: nn.Module, targets: dict[str, list[int]]) -> dict:
     }
 
 
-def _load_lora(model, config, tensors, fingerprint, adapter_name, path, report) -> ParameterReport | None:
+def _load_lora(model, config, tensors, fingerprint, adapter_name, path, report, base_frozen) -> ParameterReport | None:
     found = {t.path: t.module for t in find_targets(model, config.targets, accept=is_linear, kind="linear")}
     bases = {p: getattr(m, "base_layer", m) for p, m in found.items()}
     shapes = {p: _linear_shape(b) for p, b in bases.items()}
@@ -135,7 +136,7 @@ def _load_lora(model, config, tensors, fingerprint, adapter_name, path, report) 
                     "the file and its config disagree"
                 )
     # The adapters are made of the file's tensors: no init drawn only to be overwritten.
-    return inject(model, config, adapter_name, report=report, weights=weights)
+    return inject(model, config, adapter_name, report=report, weights=weights, base_frozen=base_frozen)
 
 
 def _linear_shape(linear: nn.Module) -> list[int]:

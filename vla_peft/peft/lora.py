@@ -256,13 +256,17 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
                 weights: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[LoraAdapter]:
     """Wrap every targeted linear (or reuse its wrapper) and add adapter ``adapter_name``;
     the new adapter becomes the active one. Returns the new (trainable) adapters. ``weights``
-    (module path -> (A, B), one pair per target) makes the adapters of a saved pair each instead
-    of a fresh init."""
+    (module path -> (A, B), one pair per target, as ``load_adapter`` found and checked them)
+    makes the adapters of a saved pair each instead of a fresh init, without a second search."""
     refuse_if_merged(model, "add a LoRA adapter")
-    targets = find_targets(model, config.targets, accept=is_linear, kind="linear")
-    bases = [t.module.base_layer if isinstance(t.module, LoraLinear) else t.module for t in targets]
+    if weights is None:
+        paths = [t.path for t in find_targets(model, config.targets, accept=is_linear, kind="linear")]
+    else:
+        paths = list(weights)
+    modules = [model.get_submodule(path) for path in paths]
+    bases = [m.base_layer if isinstance(m, LoraLinear) else m for m in modules]
     if config.load_in_4bit and not all(is_4bit(b) for b in bases):
-        plain = [t.path for t, b in zip(targets, bases) if not is_4bit(b)][:3]
+        plain = [path for path, b in zip(paths, bases) if not is_4bit(b)][:3]
         raise ValueError(
             f"the config is QLoRA (load_in_4bit: true) but targeted linears such as {plain} are not 4-bit; "
             "load the base with vla_peft.load_vlm(path, load_in_4bit=True), or set load_in_4bit: false"
@@ -272,14 +276,13 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         active = ActiveAdapter()
         model.lora_active_adapter = active
     created = []
-    for target in targets:
-        layer = target.module
+    for path, layer in zip(paths, modules):
         if not isinstance(layer, LoraLinear):
             layer = LoraLinear(layer, active)
-            _replace(model, target.path, layer)
+            _replace(model, path, layer)
         if layer.merged_adapter is not None:
-            raise RuntimeError(f"{target.path} has a merged LoRA adapter; unmerge it before adding another")
-        created.append(layer.add_adapter(adapter_name, config, None if weights is None else weights[target.path]))
+            raise RuntimeError(f"{path} has a merged LoRA adapter; unmerge it before adding another")
+        created.append(layer.add_adapter(adapter_name, config, None if weights is None else weights[path]))
     active.name = adapter_name
     return created
 

@@ -111,7 +111,7 @@ class AdapterBank:
         policy = VLAPolicy(PolicyConfig.from_dict(manifest["policy"]), self.vlm, self.processor, own_state=state)
         policy.normalizers = normalizers
         if method is not None:  # last: a bundle refused above leaves the base untouched
-            load_adapter(self.vlm, path / "adapter", adapter_name=name, report=False)
+            load_adapter(self.vlm, path / "adapter", adapter_name=name, report=False, base_frozen=True)
         policy.method_config = method
         return policy
 
@@ -131,7 +131,7 @@ class AdapterBank:
             source_name = source.vlm.lora_active_adapter.name
             sources = {p: layer.adapters[source_name] for p, layer in lora_layers(source.vlm).items()
                        if source_name in layer.adapters}
-            inject(self.vlm, method, adapter_name=name, report=False)
+            inject(self.vlm, method, adapter_name=name, report=False, base_frozen=True)
             targets = lora_layers(self.vlm)
             for path, adapter in sources.items():
                 targets[path].adapters[name].load_state_dict(adapter.state_dict())
