@@ -374,57 +374,49 @@ def pretrain(
     step = start
     for step in bar:
         rng = np.random.default_rng([cfg.seed, step])
+        llava_step = step - cfg.vision_steps
         if step < cfg.vision_steps:
-            loss = _vision_step(trained, train, norm, tokens, optimizer, step, cfg, rng)
-            locator_losses.append(loss)
+            locator_losses.append(_vision_step(trained, train, norm, tokens, optimizer, step, cfg, rng))
             if step % 10 == 0:
                 bar.set_postfix(stage="vision", locator=f"{np.mean(locator_losses[-50:]):.4f}")
-            if _checkpoint(state_file, trained, optimizer, step, cfg, began, minutes):
-                step += 1
-                break
-            continue
-        llava_step = step - cfg.vision_steps
-        if llava_step >= cfg.steps:
+        elif llava_step >= cfg.steps:
             losses.append(_language_step(trained, train, norm, qat, tokens, optimizer, llava_step - cfg.steps, cfg, rng))
             if step % 10 == 0:
                 bar.set_postfix(stage="language", loss=f"{np.mean(losses[-50:]):.3f}")
-            if _checkpoint(state_file, trained, optimizer, step, cfg, began, minutes):
-                step += 1
-                break
-            continue
-        easy, full = (FINE_EASY_MIX, FINE_FULL_MIX) if cfg.fine_answers else (EASY_MIX, FULL_MIX)
-        mix = easy if llava_step < cfg.easy_fraction * cfg.steps else full
-        conversations = draw_conversations(train, mix, cfg.batch_size, cfg.turns, rng)
-        batch = make_batch(train, norm, qat, conversations)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(llava_step, cfg) * (cfg.vision_lr / cfg.lr if group["vision"] else 1.0)
-        extra = rng.integers(len(train), size=cfg.code_images)
-        tokens["replace"] = None
-        model.model.get_image_features(pixel_values=make_pixels(train, norm, extra))
-        extra_tokens = tokens["vision"]
-        reads_code = llava_step < cfg.code_fraction * cfg.steps
-        target = None
-        if reads_code or cfg.code_weight:
-            target = scene_code([train.annotations[i] for i, _ in conversations], grid, code)
-        tokens["replace"] = target if reads_code else None
-        loss = model(**batch).loss
-        vision = torch.cat([tokens["vision"], extra_tokens])
-        code_loss = torch.zeros(())
-        if cfg.code_weight:  # relative squared error: 1.0 is what all-zero image tokens would score
-            target = torch.cat([target, scene_code([train.annotations[i] for i in extra], grid, code)])
-            code_loss = (vision - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-6)
-        seen = [train.annotations[i] for i, _ in conversations] + [train.annotations[i] for i in extra]
-        locator_loss = trained["locator"].loss(vision, seen) if cfg.locator_weight else torch.zeros(())
-        (loss + cfg.code_weight * code_loss + cfg.locator_weight * locator_loss).backward()
-        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        code_losses.append(code_loss.item())
-        locator_losses.append(locator_loss.item())
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", code=f"{np.mean(code_losses[-50:]):.4f}",
-                            locator=f"{np.mean(locator_losses[-50:]):.4f}")
+        else:
+            easy, full = (FINE_EASY_MIX, FINE_FULL_MIX) if cfg.fine_answers else (EASY_MIX, FULL_MIX)
+            mix = easy if llava_step < cfg.easy_fraction * cfg.steps else full
+            conversations = draw_conversations(train, mix, cfg.batch_size, cfg.turns, rng)
+            batch = make_batch(train, norm, qat, conversations)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(llava_step, cfg) * (cfg.vision_lr / cfg.lr if group["vision"] else 1.0)
+            extra = rng.integers(len(train), size=cfg.code_images)
+            tokens["replace"] = None
+            model.model.get_image_features(pixel_values=make_pixels(train, norm, extra))
+            extra_tokens = tokens["vision"]
+            reads_code = llava_step < cfg.code_fraction * cfg.steps
+            target = None
+            if reads_code or cfg.code_weight:
+                target = scene_code([train.annotations[i] for i, _ in conversations], grid, code)
+            tokens["replace"] = target if reads_code else None
+            loss = model(**batch).loss
+            vision = torch.cat([tokens["vision"], extra_tokens])
+            code_loss = torch.zeros(())
+            if cfg.code_weight:  # relative squared error: 1.0 is what all-zero image tokens would score
+                target = torch.cat([target, scene_code([train.annotations[i] for i in extra], grid, code)])
+                code_loss = (vision - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-6)
+            seen = [train.annotations[i] for i, _ in conversations] + [train.annotations[i] for i in extra]
+            locator_loss = trained["locator"].loss(vision, seen) if cfg.locator_weight else torch.zeros(())
+            (loss + cfg.code_weight * code_loss + cfg.locator_weight * locator_loss).backward()
+            torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            code_losses.append(code_loss.item())
+            locator_losses.append(locator_loss.item())
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", code=f"{np.mean(code_losses[-50:]):.4f}",
+                                locator=f"{np.mean(locator_losses[-50:]):.4f}")
         if _checkpoint(state_file, trained, optimizer, step, cfg, began, minutes):
             step += 1
             break
