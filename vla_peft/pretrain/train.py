@@ -473,9 +473,10 @@ def _language_step(trained, train: SceneSet, norm: ImageNorm, qat: QATokenizer, 
     """
     for name, p in trained.named_parameters():
         if name.startswith(VISION_SIDE):
-            p.requires_grad_(False)
+            p.requires_grad_(False)  # no gradient: AdamW then leaves them (and their moments) alone
     for group in optimizer.param_groups:
-        group["lr"] = 0.0 if group["vision"] else lr_at(step, cfg, cfg.lr, cfg.lm_steps)
+        if not group["vision"]:
+            group["lr"] = lr_at(step, cfg, cfg.lr, cfg.lm_steps)
     mix = FINE_FULL_MIX if cfg.fine_answers else FULL_MIX
     tokens["replace"] = None
     batch = make_batch(train, norm, qat, draw_conversations(train, mix, cfg.batch_size, cfg.turns, rng))
