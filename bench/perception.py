@@ -7,8 +7,9 @@ cameras, on seeds no pretraining uses; the probe trains on other episodes plus p
 and is scored on held-out episodes. Two readers of the frozen base, each with a small probe trained here:
   image  - the projected image tokens (what the language model reads): the object's name
            attends over them, an MLP regresses its table (x, y);
-  prompt - the language model's last hidden state after "USER: <image> where is the <name>?
-           ASSISTANT:", through an MLP.
+  prompt - the language model's last-layer states while it answers "USER: <image> where is the
+           <name>? ASSISTANT:" with its own greedy "x <column> y <row>" (at "x" and at "y", the
+           tokens that predict the two numbers), through an MLP.
 Both probes also get the grasp point (x, y, z), which the policy has as state (the wrist
 camera rides on the gripper). The figure is the RMS distance in cm on the table between the
 probe's (x, y) and the truth; "mean" is predicting each name's mean position.
@@ -73,7 +74,9 @@ def image_tokens(model, scenes: SceneSet, norm) -> torch.Tensor:
 
 @torch.no_grad()
 def prompt_states(model, qat: QATokenizer, scenes: SceneSet, norm, rows) -> torch.Tensor:
-    """(len(rows), D): the LM's last-layer state at the end of "where is the <name>?" for each row."""
+    """(len(rows), 2 D): the LM's last-layer states where it answers "where is the <name>?" with its
+    own greedy "x <column> y <row>": at "x" (which predicts the column) and at "y" (the row). The
+    state at the prompt's end only predicts the fixed "x"."""
     out = []
     for start in range(0, len(rows), 256):
         chunk = rows[start : start + 256]
@@ -84,10 +87,10 @@ def prompt_states(model, qat: QATokenizer, scenes: SceneSet, norm, rows) -> torc
         for b, seq in enumerate(ids):  # left-padded, so the last position is every row's prompt end
             batch[b, length - len(seq) :] = torch.tensor(seq)
             mask[b, length - len(seq) :] = 1
-        position_ids = (mask.cumsum(1) - 1).clamp_min(0)
-        h = model(input_ids=batch, attention_mask=mask, position_ids=position_ids,
-                  pixel_values=make_pixels(scenes, norm, [r[0] for r in chunk]), output_hidden_states=True)
-        out.append(h.hidden_states[-1][:, -1])
+        answer = model.generate(input_ids=batch, attention_mask=mask, pixel_values=make_pixels(scenes, norm, [r[0] for r in chunk]),
+                                max_new_tokens=4, min_new_tokens=4, do_sample=False, output_hidden_states=True,
+                                return_dict_in_generate=True, pad_token_id=qat.tok.pad_token_id)
+        out.append(torch.cat([answer.hidden_states[1][-1][:, -1], answer.hidden_states[3][-1][:, -1]], -1))
     return torch.cat(out)
 
 
