@@ -41,9 +41,10 @@ def query_states(policy, dataset, frames: int) -> dict[str, torch.Tensor]:
 
 def inputs(data: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
     """(N, K, D) head inputs: the queries, the queries with the state beside each, or the state alone."""
-    k = data["queries"].shape[1]
-    state = data["state"][:, None].expand(-1, k, -1)
-    return {"queries": data["queries"], "queries + state": torch.cat([data["queries"], state], -1), "state": state}[kind]
+    if kind == "queries":
+        return data["queries"]
+    state = data["state"][:, None].expand(-1, data["queries"].shape[1], -1)
+    return state if kind == "state" else torch.cat([data["queries"], state], -1)
 
 
 def fit_head(train: dict, val: dict, kind: str, width: int, steps: int) -> float:
