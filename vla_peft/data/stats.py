@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 MODES = ("q01_q99", "min_max", "mean_std", "none")
 EPS = 1e-8
@@ -124,11 +124,12 @@ def save_normalizers(path: str | Path, normalizers: dict[str, Normalizer]) -> No
 
 def load_normalizers(path: str | Path) -> dict[str, Normalizer]:
     """Inverse of save_normalizers."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        modes = json.loads(handle.metadata()["normalizers"])
-    tensors = load_file(str(path))
+    # Read once, whole (a few hundred bytes; a bank's load reads one per bundle), the metadata taken
+    # from the safetensors header: 8 bytes of length, then the JSON header.
+    data = Path(path).read_bytes()
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    modes = json.loads(header["__metadata__"]["normalizers"])
+    tensors = load(data)
     return {
         name: Normalizer(
             Stats(**{stat: tensors[f"{name}.{stat}"].numpy() for stat in Stats.NAMES}, count=info["count"]), info["mode"]

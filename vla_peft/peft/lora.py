@@ -178,7 +178,9 @@ class LoraLinear(PeftWrapper):
             device = base.weight.device
             lora_A, lora_B = (w.to(device, torch.float32, copy=True) for w in weights)
             adapter = LoraAdapter(lora_A, lora_B, config.scaling, config.dropout)
-        self.adapters[name] = adapter.train(self.training)  # dropout off in an eval-mode model
+        # Dropout off in an eval-mode model; set on the three modules directly, as train() would.
+        adapter.training = adapter.lora_A.training = adapter.lora_B.training = self.training
+        self.adapters[name] = adapter
         return adapter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
