@@ -7,7 +7,7 @@ import pytest
 from vla_peft.cli import main
 from vla_peft.data import DemoFile, DemoFileError
 from vla_peft.data import collect as collect_module
-from vla_peft.data.collect import CollectConfig, collect, make_env, replay, run_episode
+from vla_peft.data.collect import CollectConfig, collect, executed_noise, make_env, replay, run_episode
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,33 @@ def test_cli_collect_prints_a_summary(tmp_path, capsys):
     assert "kept 1 of 1 episodes (expert success 100.0%)" in printed and "kB/frame" in printed
     with DemoFile(out) as f:
         assert f.obs_keys() == ["agentview_rgb", "ee_pos", "ee_vel", "gripper_states", "target_pos"]
+
+
+def test_action_noise_records_the_experts_clean_actions_and_replays(tmp_path):
+    """DART-style collection: the stored action is what the expert asked for in the state it saw;
+    the move executed is that plus the episode's own noise, which replay draws again."""
+    import envs
+
+    out = tmp_path / "noisy.hdf5"
+    collect(CollectConfig(task="Reach", episodes=1, out=str(out), image_size=32, cameras=("agentview",), seed=7,
+                          action_noise=0.3), progress=False)
+    clean, _ = run_episode(make_env("Reach", 32, ("agentview",)), 7)
+    with DemoFile(out) as f:
+        stored = f.episode("demo_0")
+    assert stored.attrs == {"seed": 7, "success": True, "action_noise": 0.3}
+    assert not np.allclose(stored.obs["ee_pos"][5], clean.obs["ee_pos"][5])  # the noise moved the arm
+    env = make_env("Reach", 32, ("agentview",))
+    try:  # the reference: the expert beside the same noise, step by step
+        expert, noise = envs.make_expert(env), executed_noise(7, 0.3, 4)
+        obs, _ = env.reset(seed=7)
+        for action in stored.actions:
+            np.testing.assert_array_equal(action, expert(obs))
+            obs, *_ = env.step(np.clip(action + next(noise), -1, 1))
+    finally:
+        env.close()
+    assert replay(out, "demo_0") == {"success": True, "steps": len(stored), "ee_pos_gap": 0.0}
+    with pytest.raises(ValueError, match="--action-noise"):
+        collect(CollectConfig(task="Reach", episodes=1, out=str(tmp_path / "x.hdf5"), action_noise=-0.1))
 
 
 def test_play_keeps_every_episode_cut_at_max_steps_and_marks_the_file(tmp_path):

@@ -34,6 +34,10 @@ class CollectConfig:
     max_attempts: int | None = None  # default: 3 x episodes (+ 10)
     play: bool = False  # undirected play instead of the expert: frames for grounding targets only
     max_steps: int | None = None  # cut each episode after this many steps (default: the task's limit)
+    # DART-style noise injection: the executed move is the expert's plus Gaussian noise of this std (in
+    # action units, the gripper left alone); the recorded action stays the expert's clean one, so the
+    # demonstrations show the expert correcting drifts a policy's own errors cause. 0: no noise.
+    action_noise: float = 0.0
 
 
 def make_env(task: str, image_size: int, cameras: tuple[str, ...]):
@@ -55,11 +59,24 @@ def make_env(task: str, image_size: int, cameras: tuple[str, ...]):
     return gym.make(env_id, **kwargs, image_size=image_size, cameras=tuple(cameras), terminate_on_success=True)
 
 
-def run_episode(env, seed: int, play: bool = False, max_steps: int | None = None) -> tuple[Episode, bool]:
-    """Roll the scripted expert (or play) out from `seed` until success or the step limit."""
+def executed_noise(seed: int, action_noise: float, action_dim: int):
+    """The noise added to the executed moves of the episode from ``seed``: a generator of its own,
+    so that ``replay`` draws the same noise again."""
+    rng = np.random.default_rng([seed, 0xDA27])
+    while True:
+        noise = np.zeros(action_dim, np.float32)
+        noise[:3] = rng.normal(0.0, action_noise, 3)
+        yield noise
+
+
+def run_episode(env, seed: int, play: bool = False, max_steps: int | None = None,
+                action_noise: float = 0.0) -> tuple[Episode, bool]:
+    """Roll the scripted expert (or play) out from `seed` until success or the step limit, the
+    executed moves perturbed by ``action_noise`` (see CollectConfig)."""
     import envs
 
     expert = envs.make_expert(env, play=play)
+    noise = executed_noise(seed, action_noise, env.action_space.shape[0]) if action_noise else None
     obs, info = env.reset(seed=seed)
     observations: dict[str, list] = {}
     actions, rewards, dones = [], [], []
@@ -69,7 +86,8 @@ def run_episode(env, seed: int, play: bool = False, max_steps: int | None = None
         for key, value in {**obs, **env.unwrapped.task_positions()}.items():
             observations.setdefault(key, []).append(value)
         actions.append(action)
-        obs, reward, terminated, truncated, info = env.step(action)
+        executed = action if noise is None else np.clip(action + next(noise), -1.0, 1.0)
+        obs, reward, terminated, truncated, info = env.step(executed)
         success = bool(info["is_success"])
         rewards.append(reward)
         dones.append(terminated or truncated or success)
@@ -83,7 +101,7 @@ def run_episode(env, seed: int, play: bool = False, max_steps: int | None = None
         instruction=info["instruction"],
         rewards=np.asarray(rewards, np.float32),
         dones=np.asarray(dones, np.uint8),
-        attrs={"seed": seed, "success": success},
+        attrs={"seed": seed, "success": success, **({"action_noise": action_noise} if action_noise else {})},
     )
     return episode, success
 
@@ -97,7 +115,7 @@ def _init_worker(config: CollectConfig) -> None:
 
 
 def _worker_episode(seed: int) -> tuple[Episode, bool]:
-    return run_episode(_worker_env, seed, _worker_config.play, _worker_config.max_steps)
+    return run_episode(_worker_env, seed, _worker_config.play, _worker_config.max_steps, _worker_config.action_noise)
 
 
 def env_args_for(env, config: CollectConfig) -> dict:
@@ -131,6 +149,8 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
         raise ValueError(f"--episodes must be at least 1, got {config.episodes}")
     if config.max_steps is not None and config.max_steps < 1:
         raise ValueError(f"--max-steps must be at least 1, got {config.max_steps}")
+    if not 0.0 <= config.action_noise <= 1.0:
+        raise ValueError(f"--action-noise must be a std in [0, 1] action units (e.g. 0.2), got {config.action_noise}")
     attempts_allowed = config.max_attempts or 3 * config.episodes + 10
     seeds = range(config.seed, config.seed + attempts_allowed)
     start = time.perf_counter()
@@ -146,7 +166,7 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
                 pool = multiprocessing.get_context("spawn").Pool(config.workers, _init_worker, (config,))
                 results = pool.imap(_worker_episode, seeds)
             else:
-                results = (run_episode(env, seed, config.play, config.max_steps) for seed in seeds)
+                results = (run_episode(env, seed, config.play, config.max_steps, config.action_noise) for seed in seeds)
             for episode, success in results:
                 attempts += 1
                 successes += success
@@ -200,12 +220,15 @@ def replay(path: str | Path, demo: str) -> dict:
         episode = demo_file.episode(demo)
     kwargs = env_args["env_kwargs"]
     env = make_env(env_args["env_name"], kwargs["image_size"], tuple(kwargs["cameras"]))
+    seed, action_noise = int(episode.attrs["seed"]), float(episode.attrs.get("action_noise", 0.0))
+    noise = executed_noise(seed, action_noise, episode.actions.shape[1]) if action_noise else None
     try:
-        obs, info = env.reset(seed=int(episode.attrs["seed"]))
+        obs, info = env.reset(seed=seed)
         gap = 0.0
         for t, action in enumerate(episode.actions):
             gap = max(gap, float(np.abs(obs["ee_pos"] - episode.obs["ee_pos"][t]).max()))
-            obs, _, terminated, truncated, info = env.step(action)
+            executed = action if noise is None else np.clip(action + next(noise), -1.0, 1.0)
+            obs, _, terminated, truncated, info = env.step(executed)
     finally:
         env.close()
     return {"success": bool(info["is_success"]), "steps": len(episode), "ee_pos_gap": gap}
