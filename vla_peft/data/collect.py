@@ -69,6 +69,14 @@ def executed_noise(seed: int, action_noise: float, action_dim: int):
         yield noise
 
 
+def executed_moves(seed: int, action_noise: float, action_dim: int):
+    """action -> the move executed for it in the episode from ``seed`` (the action itself without noise)."""
+    if not action_noise:
+        return lambda action: action
+    noise = executed_noise(seed, action_noise, action_dim)
+    return lambda action: np.clip(action + next(noise), -1.0, 1.0)
+
+
 def run_episode(env, seed: int, play: bool = False, max_steps: int | None = None,
                 action_noise: float = 0.0) -> tuple[Episode, bool]:
     """Roll the scripted expert (or play) out from `seed` until success or the step limit, the
@@ -76,7 +84,7 @@ def run_episode(env, seed: int, play: bool = False, max_steps: int | None = None
     import envs
 
     expert = envs.make_expert(env, play=play)
-    noise = executed_noise(seed, action_noise, env.action_space.shape[0]) if action_noise else None
+    executed = executed_moves(seed, action_noise, env.action_space.shape[0])
     obs, info = env.reset(seed=seed)
     observations: dict[str, list] = {}
     actions, rewards, dones = [], [], []
@@ -86,8 +94,7 @@ def run_episode(env, seed: int, play: bool = False, max_steps: int | None = None
         for key, value in {**obs, **env.unwrapped.task_positions()}.items():
             observations.setdefault(key, []).append(value)
         actions.append(action)
-        executed = action if noise is None else np.clip(action + next(noise), -1.0, 1.0)
-        obs, reward, terminated, truncated, info = env.step(executed)
+        obs, reward, terminated, truncated, info = env.step(executed(action))
         success = bool(info["is_success"])
         rewards.append(reward)
         dones.append(terminated or truncated or success)
@@ -221,14 +228,13 @@ def replay(path: str | Path, demo: str) -> dict:
     kwargs = env_args["env_kwargs"]
     env = make_env(env_args["env_name"], kwargs["image_size"], tuple(kwargs["cameras"]))
     seed, action_noise = int(episode.attrs["seed"]), float(episode.attrs.get("action_noise", 0.0))
-    noise = executed_noise(seed, action_noise, episode.actions.shape[1]) if action_noise else None
+    executed = executed_moves(seed, action_noise, episode.actions.shape[1])
     try:
         obs, info = env.reset(seed=seed)
         gap = 0.0
         for t, action in enumerate(episode.actions):
             gap = max(gap, float(np.abs(obs["ee_pos"] - episode.obs["ee_pos"][t]).max()))
-            executed = action if noise is None else np.clip(action + next(noise), -1.0, 1.0)
-            obs, _, terminated, truncated, info = env.step(executed)
+            obs, _, terminated, truncated, info = env.step(executed(action))
     finally:
         env.close()
     return {"success": bool(info["is_success"]), "steps": len(episode), "ee_pos_gap": gap}
