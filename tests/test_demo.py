@@ -28,7 +28,8 @@ def test_quick_demo_end_to_end(tiny_llava_dir, tmp_path, capsys):
         assert row["method"] == "lora" and 0 < row["trainable_percent"] < 100
         assert row["trainable_parameters"] < row["total_parameters"]
         assert row["demos"] == row["play_scenes"] == 4 and row["train_steps"] == 4 and row["train_s"] > 0
-        assert row["test_crops"] == (16 if task == "Reach" else 1)  # configs/tasks/reach.yaml: eval_crop_grid 4
+        # configs/tasks/*.yaml: eval_crop_grid 4 for Reach, 2 for Push and PickPlace
+        assert row["test_crops"] == {"Reach": 16, "Push": 4, "PickPlace": 4}[task]
         per_task = info["results"]["per_task"][task]
         assert row["episodes"] == per_task["episodes"] == 2
         assert row["success_rate"] == per_task["success_rate"] and row["ci95"] == per_task["ci95"]
