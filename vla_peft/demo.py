@@ -246,7 +246,7 @@ def bank_or_reload(bundles: dict[str, Path], base: str):
     from vla_peft.policy.bundle import load_bundle, read_manifest
     from vla_peft.serve import AdapterBank
 
-    methods = {(read_manifest(p).get("method") or {}).get("method") for p in bundles.values()}
+    methods = {(read_manifest(p)[0].get("method") or {}).get("method") for p in bundles.values()}
     if methods <= {"lora", None}:
         first = next(iter(bundles.values()))
         bank = AdapterBank.for_bundle(first, base=base)

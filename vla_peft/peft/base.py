@@ -30,18 +30,26 @@ class PeftWrapper(nn.Module):
     matching sees the wrapper in the base module's place and never looks inside it."""
 
 
+SCOPE_ATTRIBUTES = {"vision": "vision_tower", "projector": "multi_modal_projector", "language": "language_model"}
+
+
 def scope_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The root module of each scope of a LLaVA-style model (``LlavaForConditionalGeneration``
     or the inner ``LlavaModel``)."""
     inner = getattr(model, "model", model)
-    names = {"vision": "vision_tower", "projector": "multi_modal_projector", "language": "language_model"}
-    missing = [attr for attr in names.values() if not isinstance(getattr(inner, attr, None), nn.Module)]
+    missing = [attr for attr in SCOPE_ATTRIBUTES.values() if not isinstance(getattr(inner, attr, None), nn.Module)]
     if missing:
         raise TypeError(
             f"{type(model).__name__} is not a LLaVA-style model: it has no {', '.join(missing)}; "
             "pass a transformers LlavaForConditionalGeneration (see vla_peft.load_vlm)"
         )
-    return {scope: getattr(inner, attr) for scope, attr in names.items()}
+    return {scope: getattr(inner, attr) for scope, attr in SCOPE_ATTRIBUTES.items()}
+
+
+def scope_paths(model: nn.Module) -> dict[str, str]:
+    """Each scope root's path from the model root, as in ``named_modules`` (no walk of the model)."""
+    prefix = "model." if getattr(model, "model", model) is not model else ""
+    return {scope: prefix + attr for scope, attr in SCOPE_ATTRIBUTES.items()}
 
 
 @dataclass
@@ -66,13 +74,11 @@ def find_targets(
     A pattern that selects nothing raises ``ValueError`` listing the nearest ``kind`` names,
     because a silent no-match would train nothing and look like a bad run.
     """
-    roots = scope_modules(model)
-    root_path = {id(module): path for path, module in base_modules(model)}
+    roots, root_paths = scope_modules(model), scope_paths(model)
     found: list[Target] = []
     seen: set[int] = set()
     for scope, patterns in targets.items():
-        root = roots[scope]
-        prefix = root_path[id(root)]
+        root, prefix = roots[scope], root_paths[scope]
         candidates = [(name, module) for name, module in base_modules(root) if accept(module)]
         for pattern in patterns:
             regex = re.compile(pattern)

@@ -8,12 +8,12 @@ from torch import nn
 
 from vla_peft.peft.base import PeftModule, freeze
 from vla_peft.peft.config import MethodConfig
-from vla_peft.peft.lora import LoraConfig, inject_lora, refuse_if_merged
+from vla_peft.peft.lora import LoraAdapter, LoraConfig, inject_lora, refuse_if_merged
 from vla_peft.peft.report import ParameterReport, parameter_report
 
 
 def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default",
-           report: bool = True, weights: dict | None = None, base_frozen: bool = False) -> ParameterReport | None:
+           report: bool = True, weights: dict | None = None, frozen: bool = False) -> ParameterReport | None:
     """Freeze all of ``model``, add ``config``'s modules under ``adapter_name`` and make only
     them trainable. Injecting a second LoRA config under a new name adds a second adapter to
     the same layers and makes it the active (and only trainable) one.
@@ -22,8 +22,9 @@ def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default"
     Returns the parameter report, or None with ``report=False``: counting walks every parameter,
     resident adapters included, so loading many bundles (AdapterBank) skips it. ``weights`` (LoRA
     only: module path -> saved (A, B)) builds the adapters from a file's tensors (see ``inject_lora``).
-    ``base_frozen=True`` skips the walk that freezes the base, for a caller that keeps it frozen
-    (AdapterBank: a load then costs the same however large the base).
+    ``frozen=True`` adds the modules frozen and walks nothing to freeze, for a caller that only runs
+    adapters and keeps the base and every resident adapter frozen (AdapterBank: a load then costs the
+    same however large the base and however many adapters it holds).
     """
     configs = getattr(model, "peft_config_vla", None) or {}
     if adapter_name in configs:
@@ -31,11 +32,15 @@ def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default"
             f"the model already has an adapter named {adapter_name!r} ({configs[adapter_name].method}); "
             "pass another adapter_name"
         )
-    modules = _inject_method(model, config, adapter_name, weights)
-    freeze(model, base=not base_frozen)
+    modules = _inject_method(model, config, adapter_name, weights, trainable=not frozen)
+    if not frozen:
+        freeze(model)
     for module in modules:
         module.adapter_name = adapter_name
-        module.requires_grad_(True)
+        if not frozen:
+            module.requires_grad_(True)
+        elif not isinstance(module, LoraAdapter):  # LoRA's are built frozen
+            module.requires_grad_(False)
     model.peft_trainable = modules  # what the next freeze (or inject) must freeze again
     model.peft_config_vla = {**configs, adapter_name: config}
     return parameter_report(model) if report else None
@@ -50,9 +55,10 @@ INJECTORS = {
 }
 
 
-def _inject_method(model: nn.Module, config: MethodConfig, adapter_name: str, weights: dict | None) -> list[PeftModule]:
+def _inject_method(model: nn.Module, config: MethodConfig, adapter_name: str, weights: dict | None,
+                   trainable: bool) -> list[PeftModule]:
     if isinstance(config, LoraConfig):
-        return inject_lora(model, config, adapter_name, weights)
+        return inject_lora(model, config, adapter_name, weights, trainable)
     if weights is not None:
         raise ValueError(f"inject builds {config.method!r} modules from their init only; pass weights=None")
     if config.method not in INJECTORS:

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load, save_file
 from torch import nn
 
-from vla_peft.peft.base import base_modules, find_targets, scope_modules
+from vla_peft.peft.base import find_targets, scope_modules, scope_paths
 from vla_peft.peft.config import load_method_config
 from vla_peft.peft.inject import inject, peft_modules
 from vla_peft.peft.lora import LoraConfig, is_4bit, is_linear, lora_layers, refuse_if_merged
@@ -71,12 +71,12 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
 
 
 def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default",
-                 report: bool = True, base_frozen: bool = False) -> ParameterReport | None:
+                 report: bool = True, frozen: bool = False) -> ParameterReport | None:
     """Inject the adapter saved at ``path`` into ``model`` under ``adapter_name`` and fill in its
     weights. Works for our directories and for LoRA directories saved by HF peft. Refuses,
     before touching the model where it can, an adapter made for a different base. Returns the
     parameter report (None with ``report=False``, which keeps a load's cost flat; see ``inject``,
-    also for ``base_frozen``)."""
+    also for ``frozen``)."""
     path = Path(path)
     if not (path / WEIGHTS).is_file():
         raise FileNotFoundError(f"{path} is not an adapter directory: {WEIGHTS} is missing")
@@ -93,8 +93,8 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         raise FileNotFoundError(f"{path} has neither {OURS} nor {PEFT_CONFIG}; it was not written by save_adapter or peft")
 
     if isinstance(config, LoraConfig):
-        return _load_lora(model, config, tensors, fingerprint, adapter_name, path, report, base_frozen)
-    counts = inject(model, config, adapter_name, report=report, base_frozen=base_frozen)
+        return _load_lora(model, config, tensors, fingerprint, adapter_name, path, report, frozen)
+    counts = inject(model, config, adapter_name, report=report, frozen=frozen)
     params = {f"{p}.{n}": param for p, m in peft_modules(model, adapter_name).items() for n, param in m.named_parameters()}
     _check_keys(set(params), tensors, path)
     with torch.no_grad():
@@ -117,7 +117,7 @@ def base_fingerprint(model: nn.Module, targets: dict[str, list[int]]) -> dict:
     }
 
 
-def _load_lora(model, config, tensors, fingerprint, adapter_name, path, report, base_frozen) -> ParameterReport | None:
+def _load_lora(model, config, tensors, fingerprint, adapter_name, path, report, frozen) -> ParameterReport | None:
     found = {t.path: t.module for t in find_targets(model, config.targets, accept=is_linear, kind="linear")}
     bases = {p: getattr(m, "base_layer", m) for p, m in found.items()}
     shapes = {p: _linear_shape(b) for p, b in bases.items()}
@@ -136,7 +136,7 @@ def _load_lora(model, config, tensors, fingerprint, adapter_name, path, report, 
                     "the file and its config disagree"
                 )
     # The adapters are made of the file's tensors: no init drawn only to be overwritten.
-    return inject(model, config, adapter_name, report=report, weights=weights, base_frozen=base_frozen)
+    return inject(model, config, adapter_name, report=report, weights=weights, frozen=frozen)
 
 
 def _linear_shape(linear: nn.Module) -> list[int]:
@@ -185,8 +185,8 @@ def _config_from_peft(model: nn.Module, peft: dict, tensors: dict[str, torch.Ten
     for key in _PEFT_UNSET:
         if peft.get(key):
             raise ValueError(f"{path}/{PEFT_CONFIG} sets {key}; vla_peft does not support it for LoRA")
-    root_path = {id(m): p for p, m in base_modules(model)}
-    scope_prefix = {scope: root_path[id(root)] + "." for scope, root in scope_modules(model).items()}
+    scope_modules(model)  # a clear error for a model that is not LLaVA-style
+    scope_prefix = {scope: root + "." for scope, root in scope_paths(model).items()}
     targets: dict[str, list[str]] = {}
     for module_path in sorted(_lora_shapes_from_tensors(tensors)):
         scope = next((s for s, pre in scope_prefix.items() if module_path.startswith(pre)), None)

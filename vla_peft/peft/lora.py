@@ -70,21 +70,23 @@ class LoraWeight(nn.Module):
     HF peft. Not an ``nn.Linear``: that one initialises its weight in its constructor, and adding a
     bundle to a bank builds dozens of these."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, requires_grad: bool = True) -> None:
         super().__init__()
         # Straight into the parameter table: register_parameter's checks cost more than the rest of
         # this module's construction, and the name is fixed.
-        self._parameters["weight"] = nn.Parameter(weight)
+        self._parameters["weight"] = nn.Parameter(weight, requires_grad=requires_grad)
 
 
 class LoraAdapter(PeftModule):
     """One named low-rank update: x -> B(A(dropout(x))) * scaling, in float32, made of the given
-    (r, in) and (out, r) weights (``initial`` draws a fresh pair)."""
+    (r, in) and (out, r) weights (``initial`` draws a fresh pair); ``requires_grad=False`` builds it
+    frozen, for a caller that only runs it (no module walk to freeze it afterwards)."""
 
-    def __init__(self, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dropout: float) -> None:
+    def __init__(self, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dropout: float,
+                 requires_grad: bool = True) -> None:
         super().__init__()
-        self._modules["lora_A"] = LoraWeight(lora_A)  # as LoraWeight's parameter: the names are fixed
-        self._modules["lora_B"] = LoraWeight(lora_B)
+        self._modules["lora_A"] = LoraWeight(lora_A, requires_grad)  # as LoraWeight's parameter: the names are fixed
+        self._modules["lora_B"] = LoraWeight(lora_B, requires_grad)
         self.dropout = dropout  # a probability, applied with F.dropout: no module call per forward
         self.scaling = scaling
 
@@ -165,19 +167,21 @@ class LoraLinear(PeftWrapper):
         return self.base_layer.bias
 
     def add_adapter(self, name: str, config: LoraConfig,
-                    weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> LoraAdapter:
+                    weights: tuple[torch.Tensor, torch.Tensor] | None = None, trainable: bool = True) -> LoraAdapter:
         """Add adapter ``name``, freshly initialised, or made of ``weights`` (A, B) as a file holds
-        them (copied in float32 onto the base's device; nothing is drawn that they would replace)."""
+        them (copied in float32 onto the base's device; nothing is drawn that they would replace),
+        frozen unless ``trainable``."""
         if name in self.adapters:
             raise ValueError(f"this layer already has a LoRA adapter named {name!r}; choose another adapter_name")
         base = self.base_layer
         if weights is None:
             adapter = LoraAdapter.initial(base.in_features, base.out_features, config.r, config.scaling,
                                           config.dropout, device=base.weight.device)
+            adapter.requires_grad_(trainable)
         else:
             device = base.weight.device
             lora_A, lora_B = (w.to(device, torch.float32, copy=True) for w in weights)
-            adapter = LoraAdapter(lora_A, lora_B, config.scaling, config.dropout)
+            adapter = LoraAdapter(lora_A, lora_B, config.scaling, config.dropout, trainable)
         # Dropout off in an eval-mode model; set on the three modules directly, as train() would.
         adapter.training = adapter.lora_A.training = adapter.lora_B.training = self.training
         self.adapters[name] = adapter
@@ -255,9 +259,10 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
-                weights: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[LoraAdapter]:
+                weights: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                trainable: bool = True) -> list[LoraAdapter]:
     """Wrap every targeted linear (or reuse its wrapper) and add adapter ``adapter_name``;
-    the new adapter becomes the active one. Returns the new (trainable) adapters. ``weights``
+    the new adapter becomes the active one. Returns the new adapters (frozen unless ``trainable``). ``weights``
     (module path -> (A, B), one pair per target, as ``load_adapter`` found and checked them)
     makes the adapters of a saved pair each instead of a fresh init, without a second search."""
     refuse_if_merged(model, "add a LoRA adapter")
@@ -284,7 +289,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
             _replace(model, path, layer)
         if layer.merged_adapter is not None:
             raise RuntimeError(f"{path} has a merged LoRA adapter; unmerge it before adding another")
-        created.append(layer.add_adapter(adapter_name, config, None if weights is None else weights[path]))
+        created.append(layer.add_adapter(adapter_name, config, None if weights is None else weights[path], trainable))
     active.name = adapter_name
     return created
 

@@ -104,7 +104,8 @@ def save_bundle(policy: VLAPolicy, path: str | Path, data_config: dict | None = 
     return path
 
 
-def read_manifest(path: str | Path) -> dict:
+def read_manifest(path: str | Path) -> tuple[dict, PolicyConfig]:
+    """The bundle's manifest and its policy config, parsed once, or one clear error naming the file."""
     path = Path(path)
     file = path / MANIFEST
     if not file.is_file():
@@ -121,10 +122,9 @@ def read_manifest(path: str | Path) -> dict:
     if missing or not isinstance(manifest["policy"], dict) or not isinstance(manifest["base"], dict):
         raise _damaged(file, ValueError(f"it lacks {missing or 'a well-formed policy or base entry'}"))
     try:
-        PolicyConfig.from_dict(manifest["policy"])
+        return manifest, PolicyConfig.from_dict(manifest["policy"])
     except (TypeError, ValueError) as err:
         raise _damaged(file, err) from None
-    return manifest
 
 
 def read_own_files(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -162,8 +162,7 @@ def load_bundle(path: str | Path, vlm: nn.Module | None = None, processor=None, 
     """Rebuild the trained policy: its base (``vlm`` if given, else loaded from ``base`` or the
     path recorded in the bundle), the PEFT weights, the head, the statistics."""
     path = Path(path)
-    manifest = read_manifest(path)
-    config = PolicyConfig.from_dict(manifest["policy"])
+    manifest, config = read_manifest(path)
     if base is not None:
         config.base = str(base)
     if vlm is None:

@@ -22,7 +22,6 @@ from pathlib import Path
 from torch import nn
 
 from vla_peft.peft import LoraConfig, inject, load_adapter
-from vla_peft.peft.base import freeze
 from vla_peft.peft.lora import is_4bit, lora_layers
 from vla_peft.policy import PolicyConfig, VLAPolicy
 from vla_peft.policy.bundle import base_fingerprint, check_base, read_manifest, read_own_files
@@ -65,7 +64,7 @@ class AdapterBank:
     def for_bundle(cls, bundle: str | Path, mode: str = "unmerged", base: str | None = None) -> AdapterBank:
         """A bank on the base that ``bundle`` was trained on (or ``base``), as its manifest names it;
         in merged mode a QLoRA bundle's base is loaded in full precision (same fingerprint)."""
-        config = PolicyConfig.from_dict(read_manifest(bundle)["policy"])
+        config = read_manifest(bundle)[1]
         load_in_4bit = config.load_in_4bit and mode == "unmerged"
         return cls.from_base(base or config.base, dtype=config.dtype, load_in_4bit=load_in_4bit, mode=mode)
 
@@ -97,21 +96,20 @@ class AdapterBank:
                 policy = self._from_memory(name, bundle)
             else:
                 policy = self._from_disk(name, Path(bundle))
-            freeze(self.vlm, base=False)  # the base was frozen above; this freezes the new adapter
             self._layers = list(lora_layers(self.vlm).values())
         self.policies[name] = _frozen_own_parts(policy)
         return policy
 
     def _from_disk(self, name: str, path: Path) -> VLAPolicy:
-        manifest = read_manifest(path)
+        manifest, config = read_manifest(path)
         check_base(manifest, self.vlm, path, fingerprint=self._fingerprint)
         method = load_method(manifest["method"])
         self._check_method(method, str(path))
         state, normalizers = read_own_files(path)
-        policy = VLAPolicy(PolicyConfig.from_dict(manifest["policy"]), self.vlm, self.processor, own_state=state)
+        policy = VLAPolicy(config, self.vlm, self.processor, own_state=state)
         policy.normalizers = normalizers
         if method is not None:  # last: a bundle refused above leaves the base untouched
-            load_adapter(self.vlm, path / "adapter", adapter_name=name, report=False, base_frozen=True)
+            load_adapter(self.vlm, path / "adapter", adapter_name=name, report=False, frozen=True)
         policy.method_config = method
         return policy
 
@@ -131,7 +129,7 @@ class AdapterBank:
             source_name = source.vlm.lora_active_adapter.name
             sources = {p: layer.adapters[source_name] for p, layer in lora_layers(source.vlm).items()
                        if source_name in layer.adapters}
-            inject(self.vlm, method, adapter_name=name, report=False, base_frozen=True)
+            inject(self.vlm, method, adapter_name=name, report=False, frozen=True)
             targets = lora_layers(self.vlm)
             for path, adapter in sources.items():
                 targets[path].adapters[name].load_state_dict(adapter.state_dict())
