@@ -136,6 +136,11 @@ def dense_weight(linear: nn.Linear) -> torch.Tensor:
         import bitsandbytes as bnb
 
         w = linear.weight
+        if getattr(w.quant_state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks NF4 weights for its CPU kernel at the first forward (on CPUs it has a
+            # kernel for); dequantize_4bit reads only the plain layout, so restore it first, as
+            # bitsandbytes does itself before saving (the next forward packs again).
+            w.data, w.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
         return bnb.functional.dequantize_4bit(w.data, w.quant_state)
     return linear.weight.data
 
