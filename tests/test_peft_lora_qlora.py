@@ -7,7 +7,7 @@ import torch
 from peft_inputs import randomise_lora, vlm_inputs
 
 from vla_peft import inject, load_method_config, load_vlm, merge_lora, merged_copy
-from vla_peft.peft.lora import lora_layers
+from vla_peft.peft.lora import is_4bit, lora_layers
 
 QLORA = load_method_config(Path(__file__).parents[1] / "configs/peft/qlora.yaml", {"r": 4, "dropout": 0.0})
 
@@ -68,7 +68,7 @@ def test_merge_into_nf4_is_refused_and_merged_copy_is_exact(qmodel):
     assert not any(type(m).__name__ in ("Linear4bit", "LoraLinear") for m in copy.modules())
     assert not hasattr(copy.config, "quantization_config")
     for module in qmodel.modules():  # the reference: the 4-bit forward that dequantises (that kernel computes in bfloat16)
-        if type(module).__name__ == "Linear4bit":
+        if is_4bit(module):
             module.support_avx512bf16_for_cpu = False
     with torch.no_grad():
         torch.testing.assert_close(copy(**inputs).logits, qmodel(**inputs).logits, rtol=0, atol=1e-5)

@@ -91,11 +91,12 @@ class LoraAdapter(PeftModule):
         self.scaling = scaling
 
     @classmethod
-    def initial(cls, d_in: int, d_out: int, r: int, scaling: float, dropout: float, device=None) -> LoraAdapter:
+    def initial(cls, d_in: int, d_out: int, r: int, scaling: float, dropout: float, device=None,
+                requires_grad: bool = True) -> LoraAdapter:
         """A as nn.Linear's own init (Kaiming-uniform, a=sqrt(5)), B zero: B·A = 0 at init."""
         lora_A = torch.empty(r, d_in, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-        return cls(lora_A, torch.zeros(d_out, r, device=device, dtype=torch.float32), scaling, dropout)
+        return cls(lora_A, torch.zeros(d_out, r, device=device, dtype=torch.float32), scaling, dropout, requires_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dropout and self.training:
@@ -131,7 +132,8 @@ def is_4bit(module: nn.Module) -> bool:
 
 
 def dense_weight(linear: nn.Linear) -> torch.Tensor:
-    """A linear's weight in full precision (dequantised from NF4/FP4 if needed)."""
+    """A linear's weight in full precision (dequantised from NF4/FP4 if needed; a 4-bit weight that
+    bitsandbytes repacked for its CPU kernel is put back in its plain layout first)."""
     if is_4bit(linear):
         import bitsandbytes as bnb
 
@@ -181,8 +183,7 @@ class LoraLinear(PeftWrapper):
         base = self.base_layer
         if weights is None:
             adapter = LoraAdapter.initial(base.in_features, base.out_features, config.r, config.scaling,
-                                          config.dropout, device=base.weight.device)
-            adapter.requires_grad_(trainable)
+                                          config.dropout, device=base.weight.device, requires_grad=trainable)
         else:
             device = base.weight.device
             lora_A, lora_B = (w.to(device, torch.float32, copy=True) for w in weights)
