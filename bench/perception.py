@@ -12,7 +12,8 @@ and is scored on held-out episodes. Two readers of the frozen base, each with a 
            tokens that predict the two numbers), through an MLP.
 Both probes also get the grasp point (x, y, z), which the policy has as state (the wrist
 camera rides on the gripper). The figure is the RMS distance in cm on the table between the
-probe's (x, y) and the truth; "mean" is predicting each name's mean position.
+probe's (x, y) and the truth; "mean" is predicting each name's mean position. Besides the
+columns per task, the cubes are split into lifted, at the fingers and free (``_where``).
 
     vla-peft bench perception [--bases shipped random PATH ...] [--episodes 240] [--threads 2]
 
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from envs.scene import CUBE_HALF
 from vla_peft.models import load_vlm
 from vla_peft.models.image_norm import load_image_norm
 from vla_peft.pretrain.base import SHIPPED
@@ -38,6 +40,8 @@ from vla_peft.pretrain.scenes import CAMERAS, SceneSet, render_scenes
 from vla_peft.pretrain.train import QATokenizer, make_pixels
 
 TASKS = ("Reach", "Push", "PickPlace", "Stack")
+LIFTED = 0.01  # a cube whose centre is this far above its resting height counts as lifted (m)
+FINGERS = 0.04  # a resting cube this close to the grasp point in (x, y) counts as under the fingers (m)
 
 
 def frames(episodes: int, seed: int, size: int, posed: int = 0) -> SceneSet:
@@ -176,7 +180,8 @@ def main() -> None:
     print(f"rendered probe frames in {time.perf_counter() - began:.0f} s (train: {args.episodes} expert episodes "
           f"+ {args.posed} posed images; test: {max(8, args.episodes // 4)} other expert episodes; 6 snapshots each, both cameras)")
 
-    header = f"{'base':<28} {'reader':<7} {'camera':<10} " + " ".join(f"{t:>9}" for t in TASKS) + f" {'all cubes':>9} {'pads':>6}"
+    header = (f"{'base':<28} {'reader':<7} {'camera':<10} " + " ".join(f"{t:>9}" for t in TASKS) + f" {'all cubes':>9} {'pads':>6} "
+              + " ".join(f"{w:>10}" for w in ("lifted", "at fingers", "free")))
     print("\nnamed object's table (x, y) from frozen features: RMS error in cm on held-out expert episodes")
     print(header)
     print("-" * len(header))
@@ -195,24 +200,42 @@ def main() -> None:
                 states = prompt_states(model, qat, s, norm, rs) if "prompt" in args.readers else None
                 data[which] = (rs, names, ee, xy, tokens[which][[r[0] for r in rs]], states)
             tasks = np.array([test_set.annotations[r[0]]["task"] for r in data["test"][0]])
-            is_cube = data["test"][1] < GRIPPER // 2
+            is_cube = (data["test"][1] < GRIPPER // 2).numpy()
+            where = _where(test_set, data["test"][0], is_cube)
             if not mean_printed:  # the baseline depends on the frames only
                 means = {int(n): data["train"][3][data["train"][1] == n].mean(0) for n in data["train"][1].unique()}
                 err = torch.stack([data["test"][3][k] - means.get(int(n), data["train"][3].mean(0)) for k, n in enumerate(data["test"][1])])
-                _print_row("(predict the mean)", "-", camera, err.norm(dim=-1).numpy() * 100, tasks, is_cube.numpy())
+                _print_row("(predict the mean)", "-", camera, err.norm(dim=-1).numpy() * 100, tasks, is_cube, where)
             for reader, feats_at, attend in [r for r in (("image", 4, True), ("prompt", 5, False)) if r[0] in args.readers]:
                 train = (data["train"][feats_at], data["train"][1], data["train"][2], data["train"][3])
                 test = (data["test"][feats_at], data["test"][1], data["test"][2], data["test"][3])
                 errors = fit_probe(train, test, attend, args.steps, seed=0)
-                _print_row(label, reader, camera, errors, tasks, is_cube.numpy())
+                _print_row(label, reader, camera, errors, tasks, is_cube, where)
         mean_printed = True
     print(f"\n{time.perf_counter() - began:.0f} s in all; probe: {args.steps} steps at batch 256 per row")
 
 
-def _print_row(label: str, reader: str, camera: str, errors: np.ndarray, tasks: np.ndarray, is_cube: np.ndarray) -> None:
+def _where(scenes: SceneSet, rows, is_cube: np.ndarray) -> dict[str, np.ndarray]:
+    """Masks of the cubes that tell where a base fails: lifted (held, or stacked on another cube),
+    resting within FINGERS of the grasp point in (x, y) (being grasped or pushed: the arm covers
+    them), and the rest."""
+    lifted, fingers = np.zeros(len(rows), bool), np.zeros(len(rows), bool)
+    for k, (i, _, _, xy) in enumerate(rows):
+        if not is_cube[k]:
+            continue
+        a, grip = scenes.annotations[i], scenes.annotations[i]["gripper"]
+        z = next(o["z"] for o in a["objects"] if o["kind"] == "cube" and np.allclose([o["x"], o["y"]], xy))
+        lifted[k] = z > CUBE_HALF + LIFTED
+        fingers[k] = not lifted[k] and np.hypot(grip["x"] - xy[0], grip["y"] - xy[1]) < FINGERS
+    return {"lifted": lifted, "at fingers": fingers, "free": is_cube & ~lifted & ~fingers}
+
+
+def _print_row(label: str, reader: str, camera: str, errors: np.ndarray, tasks: np.ndarray, is_cube: np.ndarray,
+               where: dict[str, np.ndarray]) -> None:
     cells = [rms(errors[(tasks == t) & is_cube]) for t in TASKS]
     print(f"{label[-28:]:<28} {reader:<7} {camera:<10} " + " ".join(f"{c:>9.2f}" for c in cells)
-          + f" {rms(errors[is_cube]):>9.2f} {rms(errors[~is_cube]):>6.2f}", flush=True)
+          + f" {rms(errors[is_cube]):>9.2f} {rms(errors[~is_cube]):>6.2f} "
+          + " ".join(f"{rms(errors[m]):>10.2f}" for m in where.values()), flush=True)
 
 
 if __name__ == "__main__":
