@@ -54,14 +54,15 @@ def frames(episodes: int, seed: int, size: int, posed: int = 0) -> SceneSet:
     return SceneSet(images=torch.cat([s.images for s in sets]), annotations=[a for s in sets for a in s.annotations])
 
 
-def samples(scenes: SceneSet, camera: str) -> list[tuple[int, int, str, np.ndarray]]:
-    """(image index, name index, name, table (x, y)) for every cube and pad in view of ``camera``."""
+def samples(scenes: SceneSet, camera: str) -> list[tuple[int, int, str, np.ndarray, float]]:
+    """(image index, name index, name, table (x, y), height) for every cube and pad in view of ``camera``."""
     out = []
     for i, a in enumerate(scenes.annotations):
         if a["camera"] == camera:
             for o in a["objects"]:
                 if o["visible"]:
-                    out.append((i, name_index(o["kind"], o["colour"]), f"{o['colour']} {o['kind']}", np.array([o["x"], o["y"]])))
+                    out.append((i, name_index(o["kind"], o["colour"]), f"{o['colour']} {o['kind']}",
+                                np.array([o["x"], o["y"]]), o["z"]))
     return out
 
 
@@ -84,7 +85,7 @@ def prompt_states(model, qat: QATokenizer, scenes: SceneSet, norm, rows) -> torc
     out = []
     for start in range(0, len(rows), 256):
         chunk = rows[start : start + 256]
-        ids = [qat.conversation([(f"where is the {name}?", "")])[0][:-1] for _, _, name, _ in chunk]  # no answer, no </s>
+        ids = [qat.conversation([(f"where is the {name}?", "")])[0][:-1] for _, _, name, _, _ in chunk]  # no answer, no </s>
         length = max(map(len, ids))
         batch = torch.full((len(ids), length), qat.tok.pad_token_id)
         mask = torch.zeros_like(batch)
@@ -220,11 +221,10 @@ def _where(scenes: SceneSet, rows, is_cube: np.ndarray) -> dict[str, np.ndarray]
     resting within FINGERS of the grasp point in (x, y) (being grasped or pushed: the arm covers
     them), and the rest."""
     lifted, fingers = np.zeros(len(rows), bool), np.zeros(len(rows), bool)
-    for k, (i, _, _, xy) in enumerate(rows):
+    for k, (i, _, _, xy, z) in enumerate(rows):
         if not is_cube[k]:
             continue
-        a, grip = scenes.annotations[i], scenes.annotations[i]["gripper"]
-        z = next(o["z"] for o in a["objects"] if o["kind"] == "cube" and np.allclose([o["x"], o["y"]], xy))
+        grip = scenes.annotations[i]["gripper"]
         lifted[k] = z > CUBE_HALF + LIFTED
         fingers[k] = not lifted[k] and np.hypot(grip["x"] - xy[0], grip["y"] - xy[1]) < FINGERS
     return {"lifted": lifted, "at fingers": fingers, "free": is_cube & ~lifted & ~fingers}
