@@ -175,6 +175,31 @@ def test_language_stage_extends_a_finished_run_and_leaves_the_vision_side_exactl
         pretrain(tmp_path, PretrainConfig(**{**TINY, "steps": 9}, lr=3e-3, lm_steps=3), resume=True, threads=1)
 
 
+def test_refine_trains_the_locator_alone_first_then_the_vision_side_then_the_language_model(trained, tmp_path):
+    """The refine recipe's stages on a finished base: each moves only what it should."""
+    base, _ = trained
+    cfg = PretrainConfig(**{**TINY, "vision_steps": 3, "head_only_steps": 2, "steps": 0, "lm_steps": 0},
+                         init=str(base), expert_images=12, table_weight=1.0, locator_lr=3e-3, lr=3e-3)
+    start = load_file(base / "model.safetensors")
+    vision = [n for n in start if "vision_tower" in n or "multi_modal_projector" in n]
+    language = [n for n in start if "language_model" in n and "layers" in n]
+
+    def changed(out, names, than=start):
+        now = load_file(out / "model.safetensors")
+        return [n for n in names if not torch.equal(now[n], than[n])]
+
+    pretrain(tmp_path, cfg, minutes=0.0, threads=1)  # stops after step 0: the locator alone has learned
+    assert changed(tmp_path, vision + language) == []
+    assert json.loads((tmp_path / "pretrain_recipe.json").read_text())["init"] == str(base)
+    pretrain(tmp_path, cfg, resume=True, threads=1)  # step 2 trains the vision side too
+    assert changed(tmp_path, vision) and changed(tmp_path, language) == []
+    refined = load_file(tmp_path / "model.safetensors")
+    report = pretrain(tmp_path, PretrainConfig(**{**cfg.__dict__, "lm_steps": 2}), resume=True, threads=1)
+    assert changed(tmp_path, vision, refined) == [] and changed(tmp_path, language, refined)
+    assert report["steps_done"] == 5
+    assert torch.equal(load_image_norm(tmp_path).means["agentview"], load_image_norm(base).means["agentview"])
+
+
 def test_scene_rendering_is_deterministic():
     a, b = render_scenes(6, seed=3, image_size=64, progress=False), render_scenes(6, seed=3, image_size=64, progress=False)
     assert torch.equal(a.images, b.images) and a.annotations == b.annotations
@@ -208,7 +233,7 @@ def test_locator_targets_name_every_visible_thing_and_its_loss_learns_a_position
     scene = {"objects": [{"kind": "cube", "colour": "red", "u": 0.3, "v": 0.8, "visible": True},
                          {"kind": "pad", "colour": "blue", "u": 0.9, "v": 0.1, "visible": False}],
              "gripper": {"u": 0.6, "v": 0.2, "visible": True, "open": True}}
-    names, uv, mask = targets([scene])
+    names, uv, xyz, mask = targets([scene])
     assert names[0].tolist() == [name_index("cube", "red"), GRIPPER] and mask.all()
     assert torch.allclose(uv[0], torch.tensor([[0.3, 0.8], [0.6, 0.2]]))
     # tokens that carry the position in one coordinate: the head must learn to read it
@@ -228,3 +253,20 @@ def test_locator_targets_name_every_visible_thing_and_its_loss_learns_a_position
         loss.backward()
         opt.step()
     assert loss.item() < 0.2 * first
+    # with the table target it also reads the height the tokens carry
+    torch.manual_seed(0)
+    locator = Locator(16, width=32, table=True)
+    opt = torch.optim.Adam(locator.parameters(), lr=3e-3)
+    errors = []
+    for _ in range(300):
+        z = torch.rand(32) * 0.2
+        tokens = torch.zeros(32, 4, 16)
+        tokens[:, 0, 0], tokens[:, 0, 1] = z * 5, 1.0
+        batch = [{"objects": [{"kind": "cube", "colour": "red", "u": 0.5, "v": 0.5, "visible": True, "x": 0.0, "y": 0.0,
+                               "z": float(h)}], "gripper": {"visible": False}} for h in z]
+        loss = locator.loss(tokens, batch, table_weight=1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        errors.append((locator(tokens, torch.zeros(32, 1, dtype=torch.long) + name_index("cube", "red"))[1][:, 0, 2] - z).abs().mean().item())
+    assert errors[-1] < 0.2 * errors[0] and errors[-1] < 0.01  # metres

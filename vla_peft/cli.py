@@ -121,7 +121,12 @@ def cmd_pretrain_base(args: argparse.Namespace) -> int:
     from vla_peft.pretrain.train import RECIPES, PretrainConfig, format_report, pretrain
 
     recipe = dict(RECIPES[args.recipe])
+    if args.recipe == "refine" and not args.init:
+        print("error: --recipe refine starts from a base: pass --init DIR (a vision-first checkpoint, e.g. "
+              "vla_peft/pretrain/base)", file=sys.stderr)
+        return 2
     recipe.update({"seed": args.seed, **({} if args.steps is None else {"steps": args.steps}),
+                   **({"init": str(Path(args.init).resolve())} if args.init else {}),
                    **({} if args.lm_steps is None else {"lm_steps": args.lm_steps}),
                    **({} if args.lr is None else {"lr": args.lr})})
     cfg = PretrainConfig(**recipe)
@@ -254,11 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     pre = sub.add_parser("pretrain-base", help="pretrain the tiny CPU base VLM on simulator scenes (no actions)")
     pre.add_argument("--out", required=True, help="checkpoint directory to write")
-    pre.add_argument("--recipe", choices=["vision-first", "scene-code", "locator"], default="vision-first",
+    pre.add_argument("--recipe", choices=["vision-first", "scene-code", "locator", "refine"], default="vision-first",
                      help="vision-first: the shipped base's (patches of 8 px; 3,000 vision-only steps, 1,500 LLaVA "
                           "steps, 3,000 language-only steps; docs/base-models.md); scene-code: the first shipped base's "
                           "(3,000 steps, 8,000 scenes); locator: posed scenes, the locator target and fine answers "
-                          "(4,000 steps, 80,000 scenes) (default: vision-first)")
+                          "(4,000 steps, 80,000 scenes); refine: a vision-first base (--init) refined on expert frames "
+                          "with the table target, its language model realigned (default: vision-first)")
+    pre.add_argument("--init", default=None, help="a pretrain-base checkpoint to start from (the refine recipe's input; "
+                     "default: a fresh model)")
     pre.add_argument("--steps", type=int, default=None,
                      help="LLaVA-stage steps of 16 images x 4 questions (+48 or 64 images for the vision tower) "
                           "(default: the recipe's, 1,500, 3,000 or 4,000)")
