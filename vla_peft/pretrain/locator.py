@@ -10,7 +10,8 @@ dropped after pretraining; what stays is tokens that locate things by name.
 
 Optionally (``table=True``) it also regresses each thing's table (x, y, z). Measured: the image
 position alone left a held cube's table position unread (a probe put it where its pixels would be
-on the table, 3.5-5.9 cm off); the table target asks the tokens to say how high a thing is.
+on the table, 3.5-5.9 cm off); the table target asks the tokens to say how high a thing is. With
+it (the refine recipe) the probe's lifted cubes came to 3.8 cm, and this head read them at 4.5.
 """
 
 from __future__ import annotations

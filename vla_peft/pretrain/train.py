@@ -351,7 +351,7 @@ def pretrain(
     state_dir.mkdir(parents=True, exist_ok=True)
 
     spec = cfg.spec
-    if cfg.vision_steps <= cfg.head_only_steps and cfg.head_only_steps:
+    if cfg.head_only_steps and cfg.head_only_steps >= cfg.vision_steps:
         raise ValueError(f"head_only_steps ({cfg.head_only_steps}) must be fewer than vision_steps ({cfg.vision_steps})")
     train = _scenes(state_dir / "scenes_train.safetensors", cfg.train_images, cfg.seed, spec.image_size, cfg.posed_fraction)
     if cfg.expert_images:
