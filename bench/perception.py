@@ -14,6 +14,8 @@ Both probes also get the grasp point (x, y, z), which the policy has as state (t
 camera rides on the gripper). The figure is the RMS distance in cm on the table between the
 probe's (x, y) and the truth; "mean" is predicting each name's mean position. Besides the
 columns per task, the cubes are split into lifted, at the fingers and free (``_where``).
+Camera ``both``: the objects in view of agentview, read from the tokens of agentview and wrist
+images of the same moment side by side (what a policy with both cameras reads; image reader only).
 
     vla-peft bench perception [--bases shipped random PATH ...] [--episodes 240] [--threads 2]
 
@@ -158,10 +160,13 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=240, help="probe-training episodes (test: a quarter as many)")
     parser.add_argument("--posed", type=int, default=8000, help="posed scenes added to the probe's training set")
     parser.add_argument("--steps", type=int, default=1500, help="probe training steps")
-    parser.add_argument("--cameras", nargs="+", default=list(CAMERAS), choices=CAMERAS)
+    parser.add_argument("--cameras", nargs="+", default=list(CAMERAS), choices=[*CAMERAS, "both"],
+                        help="agentview, wrist, or both (agentview's objects, both images' tokens; image reader only)")
     parser.add_argument("--readers", nargs="+", default=["image", "prompt"], choices=["image", "prompt"])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if "both" in args.cameras and "prompt" in args.readers:
+        parser.error("--cameras both reads the image tokens only: add --readers image")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
 
@@ -194,12 +199,12 @@ def main() -> None:
         for camera in args.cameras:
             data = {}
             for which, s in (("train", train_set), ("test", test_set)):
-                rs = samples(s, camera)
+                rs = samples(s, "agentview" if camera == "both" else camera)
                 names = torch.tensor([r[1] for r in rs])
                 ee = torch.tensor(np.array([[s.annotations[r[0]]["gripper"][k] for k in "xyz"] for r in rs]), dtype=torch.float32)
                 xy = torch.tensor(np.array([r[3] for r in rs]), dtype=torch.float32)
                 states = prompt_states(model, qat, s, norm, rs) if "prompt" in args.readers else None
-                data[which] = (rs, names, ee, xy, tokens[which][[r[0] for r in rs]], states)
+                data[which] = (rs, names, ee, xy, _features(tokens[which], s, [r[0] for r in rs], camera), states)
             tasks = np.array([test_set.annotations[r[0]]["task"] for r in data["test"][0]])
             is_cube = (data["test"][1] < GRIPPER // 2).numpy()
             where = _where(test_set, data["test"][0], is_cube)
@@ -214,6 +219,16 @@ def main() -> None:
                 _print_row(label, reader, camera, errors, tasks, is_cube, where)
         mean_printed = True
     print(f"\n{time.perf_counter() - began:.0f} s in all; probe: {args.steps} steps at batch 256 per row")
+
+
+def _features(tokens: torch.Tensor, scenes: SceneSet, indices: list[int], camera: str) -> torch.Tensor:
+    """The image tokens of each row's frame; for ``both``, followed by the wrist frame of the same
+    moment (rendered right after its agentview frame)."""
+    if camera != "both":
+        return tokens[indices]
+    wrist = [i + 1 for i in indices]
+    assert all(scenes.annotations[i]["camera"] == "wrist" for i in wrist), "frames come in (agentview, wrist) pairs"
+    return torch.cat([tokens[indices], tokens[wrist]], dim=1)
 
 
 def _where(scenes: SceneSet, rows, is_cube: np.ndarray) -> dict[str, np.ndarray]:
