@@ -95,7 +95,7 @@ VISION_FIRST_RECIPE = {**LOCATOR_RECIPE, "vision_steps": 3000, "steps": 1500, "v
 # table target, on frames of the experts' own episodes beside posed scenes, then its language model
 # realigned to the tokens that changed. Why: a probe read the shipped base's free cubes at 1.1 cm but
 # held ones at 3.5-5.9. Measured on the shipped base (docs/results.md): the probe's cubes 2.13 -> 1.63 cm,
-# held and stacked cubes 5.9 -> 3.8, free ones 1.12 -> 1.24; not shipped.
+# held and stacked cubes 5.9 -> 3.8, free ones 1.12 -> 1.24, but LoRA on it: PickPlace 4 % (shipped 52 %); not shipped.
 REFINE_RECIPE = {**VISION_FIRST_RECIPE, "vision_steps": 2000, "steps": 0, "lm_steps": 1500, "train_images": 40000,
                  "expert_images": 60000, "table_weight": 1.0, "head_only_steps": 300, "vision_stage_lr": 5e-4,
                  "locator_lr": 2e-3}
