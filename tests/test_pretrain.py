@@ -230,9 +230,10 @@ def test_posed_scenes_put_held_cubes_at_the_grasp_point_and_give_every_scene_a_n
 def test_locator_targets_name_every_visible_thing_and_its_loss_learns_a_position():
     from vla_peft.pretrain.locator import GRIPPER, Locator, name_index, targets
 
-    scene = {"objects": [{"kind": "cube", "colour": "red", "u": 0.3, "v": 0.8, "visible": True},
-                         {"kind": "pad", "colour": "blue", "u": 0.9, "v": 0.1, "visible": False}],
-             "gripper": {"u": 0.6, "v": 0.2, "visible": True, "open": True}}
+    here = {"x": 0.0, "y": 0.0, "z": 0.0}
+    scene = {"objects": [{"kind": "cube", "colour": "red", "u": 0.3, "v": 0.8, "visible": True, **here},
+                         {"kind": "pad", "colour": "blue", "u": 0.9, "v": 0.1, "visible": False, **here}],
+             "gripper": {"u": 0.6, "v": 0.2, "visible": True, "open": True, **here}}
     names, uv, xyz, mask = targets([scene])
     assert names[0].tolist() == [name_index("cube", "red"), GRIPPER] and mask.all()
     assert torch.allclose(uv[0], torch.tensor([[0.3, 0.8], [0.6, 0.2]]))
@@ -245,7 +246,7 @@ def test_locator_targets_name_every_visible_thing_and_its_loss_learns_a_position
         u = torch.rand(32)
         tokens = torch.zeros(32, 4, 16)
         tokens[:, 0, 0], tokens[:, 0, 1] = u, 1.0
-        batch = [{"objects": [{"kind": "cube", "colour": "red", "u": float(x), "v": 0.5, "visible": True}],
+        batch = [{"objects": [{"kind": "cube", "colour": "red", "u": float(x), "v": 0.5, "visible": True, **here}],
                   "gripper": {"visible": False}} for x in u]
         loss = locator.loss(tokens, batch)
         first = first or loss.item()

@@ -50,7 +50,7 @@ def targets(annotations: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.
         for j, (name, o) in enumerate(things):
             names[b, j], mask[b, j] = name, True
             uv[b, j] = torch.tensor([o["u"], o["v"]])
-            xyz[b, j] = torch.tensor([o.get(c, 0.0) for c in "xyz"])
+            xyz[b, j] = torch.tensor([o["x"], o["y"], o["z"]])
     return names, uv, xyz, mask
 
 

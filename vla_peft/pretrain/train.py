@@ -312,14 +312,20 @@ def _part(name: str) -> str:
     return "locator" if name.startswith("locator") else "vision" if name.startswith(VISION_SIDE) else "lm"
 
 
-def _start_from(path: str, spec: TinyLlavaSpec):
-    """The model, tokenizer and input normalisation of a `pretrain-base` checkpoint of ``spec``'s shape."""
+def load_checkpoint(path: str | Path):
+    """The model, processor and input normalisation of a `pretrain-base` checkpoint."""
     from vla_peft.models import load_vlm
 
     model, processor = load_vlm(path)
     norm = load_image_norm(path)
     if norm is None or processor is None:
-        raise FileNotFoundError(f"--init {path}: no image_norm.safetensors or processor; start from a `vla-peft pretrain-base` checkpoint")
+        raise FileNotFoundError(f"{path} lacks image_norm.safetensors or its processor; it is not a `vla-peft pretrain-base` checkpoint")
+    return model, processor, norm
+
+
+def _start_from(path: str, spec: TinyLlavaSpec):
+    """The model, tokenizer and input normalisation of a `pretrain-base` checkpoint of ``spec``'s shape."""
+    model, processor, norm = load_checkpoint(path)
     vision = model.config.vision_config
     if (vision.image_size, vision.patch_size, model.config.text_config.hidden_size) != (spec.image_size, spec.patch_size, spec.text_hidden):
         raise ValueError(f"--init {path}: image {vision.image_size} px, patch {vision.patch_size}, LM width "
@@ -564,12 +570,7 @@ def evaluate_checkpoint(
     path: str | Path, images: int, per_type: int, seed: int, types: tuple[str, ...] = tuple(QUESTION_TYPES)
 ) -> dict:
     """Score a saved base on freshly rendered scenes (``seed`` should differ from its training seed)."""
-    from vla_peft.models import load_vlm
-
-    model, processor = load_vlm(path)
-    norm = load_image_norm(path)
-    if norm is None or processor is None:
-        raise FileNotFoundError(f"{path} lacks image_norm.safetensors or its processor; it is not a `vla-peft pretrain-base` checkpoint")
+    model, processor, norm = load_checkpoint(path)
     size = model.config.vision_config.image_size
     scenes = render_scenes(images, seed=seed, image_size=size, progress=False)
     qat = QATokenizer(processor.tokenizer, model.config.image_seq_length)
