@@ -206,3 +206,32 @@ def test_wrapper_keeps_the_linear_interface(model):
     inject(model, LoraConfig(r=2))
     q = model.model.language_model.layers[0].self_attn.q_proj
     assert isinstance(q, LoraLinear) and q.weight is q.base_layer.weight and q.bias is None
+
+
+def test_dropout_drops_each_input_with_its_probability_and_keeps_the_mean():
+    """LoRA's dropout cuts 64-bit random words into four 16-bit draws: every lane of the word must
+    drop at the configured rate (a sign bit that random_ never sets would make one lane drop
+    nothing), and the kept inputs' 1/(1-p) must leave the update's mean where dropout 0 puts it."""
+    from vla_peft.peft.lora import LoraAdapter, keep_mask
+
+    torch.manual_seed(0)
+    keep, kept_share = keep_mask(torch.Size([250_000, 4]), 0.25)
+    assert kept_share == 0.75
+    lanes = 1 - keep.float().mean(0)  # each column is one 16-bit lane of a word
+    assert torch.all((lanes - 0.25).abs() < 0.005), lanes  # 5 binomial standard deviations
+    assert keep_mask(torch.Size([8]), 0.0)[0].all()
+
+    adapter = LoraAdapter.initial(16, 8, r=4, scaling=2.0, dropout=0.3)
+    nn.init.normal_(adapter.lora_B.weight)
+    x = torch.randn(4000, 16) + 1.0  # a mean away from zero, so a missing 1/(1-p) shows
+    expected = adapter.eval()(x)
+    adapter.train()
+    draws = torch.stack([adapter(x) for _ in range(50)])
+    assert not torch.allclose(draws[0], draws[1]), "dropout drew nothing"
+    # The mean over 50 draws × 4,000 rows of the update, against the update without dropout.
+    torch.testing.assert_close(draws.mean((0, 1)), expected.mean(0), atol=0.02, rtol=0)
+    out = torch.zeros(4000, 8)
+    torch.manual_seed(1)
+    forward = adapter(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(adapter.add_to(out, x), forward)  # both paths draw the same mask

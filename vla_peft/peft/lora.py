@@ -77,6 +77,21 @@ class LoraWeight(nn.Module):
         self._parameters["weight"] = nn.Parameter(weight, requires_grad=requires_grad)
 
 
+MASK_STEPS = 1 << 16  # dropout probabilities are drawn in steps of 1/65536
+
+
+def keep_mask(shape: torch.Size, p: float, device=None) -> tuple[torch.Tensor, float]:
+    """A boolean mask keeping each element with probability 1 - p, and that probability, for LoRA's
+    dropout. torch's ``bernoulli_`` (inside ``F.dropout``) makes one draw per element; here each
+    64-bit random word is cut into four 16-bit draws, about 2x faster for the whole dropout, with p
+    rounded to the nearest 1/65536 (0.05 becomes 0.0500031) and the returned share exact for it."""
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None)
+    dropped = round(p * MASK_STEPS)
+    keep = words.view(torch.int16)[:n].view(shape) >= dropped - MASK_STEPS // 2
+    return keep, 1.0 - dropped / MASK_STEPS
+
+
 class LoraAdapter(PeftModule):
     """One named low-rank update: x -> B(A(dropout(x))) * scaling, in float32, made of the given
     (r, in) and (out, r) weights (``initial`` draws a fresh pair); ``requires_grad=False`` builds it
@@ -87,7 +102,7 @@ class LoraAdapter(PeftModule):
         super().__init__()
         self._modules["lora_A"] = LoraWeight(lora_A, requires_grad)  # as LoraWeight's parameter: the names are fixed
         self._modules["lora_B"] = LoraWeight(lora_B, requires_grad)
-        self.dropout = dropout  # a probability, applied with F.dropout: no module call per forward
+        self.dropout = dropout  # a probability, applied by keep_mask: no module call per forward
         self.scaling = scaling
 
     @classmethod
@@ -99,26 +114,32 @@ class LoraAdapter(PeftModule):
         return cls(lora_A, torch.zeros(d_out, r, device=device, dtype=torch.float32), scaling, dropout, requires_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dropout and self.training:
-            x = F.dropout(x, self.dropout, training=True)
+        x, scaling = self._dropped(x)
         # Scaling the (tokens, r) intermediate rather than the (tokens, d_out) output makes the
         # elementwise pass d_out/r times smaller, forward and backward, and saves nothing extra.
-        return F.linear(F.linear(x, self.lora_A.weight) * self.scaling, self.lora_B.weight)
+        return F.linear(F.linear(x, self.lora_A.weight) * scaling, self.lora_B.weight)
+
+    def _dropped(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The input with dropout applied and the scaling that goes with it: the kept inputs' 1/(1-p)
+        rides on the scaling (one multiply of the small intermediate instead of one of the input)."""
+        if not (self.dropout and self.training):
+            return x, self.scaling
+        keep, kept_share = keep_mask(x.shape, self.dropout, x.device)
+        return x * keep, self.scaling / kept_share
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, in_place: bool = False) -> torch.Tensor:
         """``out + forward(x)`` for 2D (tokens, features) ``out`` and ``x``, in two ops instead of four:
         the scaling, the second matmul and the sum are one ``addmm`` (same maths; float rounding may
         differ in the last bit). ``in_place`` writes the sum into ``out``, for an ``out`` the caller
         just made (autograd allows it: the matmul that made ``out`` does not keep it for backward)."""
-        if self.dropout and self.training:
-            x = F.dropout(x, self.dropout, training=True)
+        x, scaling = self._dropped(x)
         # The weights straight from the module tables: at batch 1, nn.Module.__getattr__ (two per
         # weight) costs about what the matmuls do.
         lora_A, lora_B = self._modules["lora_A"]._parameters["weight"], self._modules["lora_B"]._parameters["weight"]
         h = F.linear(x, lora_A)
         if in_place:
-            return out.addmm_(h, lora_B.t(), alpha=self.scaling)
-        return torch.addmm(out, h, lora_B.t(), alpha=self.scaling)
+            return out.addmm_(h, lora_B.t(), alpha=scaling)
+        return torch.addmm(out, h, lora_B.t(), alpha=scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """The update as a dense (d_out, d_in) matrix."""
