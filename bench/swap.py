@@ -4,13 +4,14 @@ On the tiny base, with 1, 10 and 50 LoRA task bundles resident, it times
   switch  - making another bundle the active one (ours: ``bank.activate``; peft: ``set_adapter``);
             with 1 bundle, from nothing active (ours) / the same adapter again (peft)
   load    - adding one bundle from disk (ours: ``bank.register``, which also builds the head;
-            peft: ``load_adapter``)
+            peft: ``load_adapter``); it is removed again untimed (``bank.remove``, ``delete_adapter``),
+            so every round's load finds exactly N resident
 and the resident memory each extra bundle adds, beside the bytes of the bundle's own tensors.
 Targets (issue 7): unmerged switch <= 0.1 ms and flat in the number of bundles; an extra bundle
 costs only its own parameters. Issue 21: a load <= 10 ms at every N, N = 1, 10, 50 within 20 %.
 All nine rows (three contenders x three N) take turns, round after round (bench/interleave.py).
 
-    PYTHONPATH=. python bench/swap.py [--reps 200] [--rounds 7] [--threads 1]
+    PYTHONPATH=. python bench/swap.py [--reps 200] [--rounds 7] [--loads 30] [--threads 1]
 """
 
 from __future__ import annotations
@@ -82,6 +83,15 @@ class Ours:
         self.bank.register(name, self.paths[len(self.bank.names) % len(self.paths)])
         return name
 
+    def load(self) -> float:
+        """Seconds to register one more bundle, which is then removed (untimed): N stays N."""
+        clock = best_clock()
+        start = clock()
+        name = self.add()
+        seconds = clock() - start
+        self.bank.remove(name)
+        return seconds
+
     def switch(self, reps: int) -> float:
         names = self.switch_names
         before = self.bank.unmerge_all if len(names) == 1 else None  # with one bundle: from nothing active
@@ -110,6 +120,15 @@ class Peft:
         self.names.append(name)
         return name
 
+    def load(self) -> float:
+        """Seconds of ``load_adapter``; the adapter is deleted again (untimed): N stays N."""
+        clock = best_clock()
+        start = clock()
+        name = self.add()
+        seconds = clock() - start
+        self.model.delete_adapter(self.names.pop())
+        return seconds
+
     def switch(self, reps: int) -> float:
         return per_call(self.model.set_adapter, self.switch_names, max(20, reps // 4))
 
@@ -121,6 +140,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=200, help="switches per round and row (default: 200)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds: loads and switch batches per row (default: 7)")
+    parser.add_argument("--loads", type=int, default=30, help="interleaved rounds of loads per row (default: 30)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads for every row (default: 1, steadier on a shared machine)")
     args = parser.parse_args()
@@ -137,10 +157,11 @@ def main() -> None:
         resident = {key: row.resident() for key, row in rows.items()}
         switch = interleave({key: (lambda row=row: row.switch(args.reps)) for key, row in rows.items()}, args.rounds,
                             clock=time.perf_counter)
-        load = interleave({key: row.add for key, row in rows.items()}, args.rounds, warmup=0)
+        load = interleave({key: row.load for key, row in rows.items()}, args.loads)
 
     print(f"\nswitch and load with N LoRA bundles resident (tiny base; a bundle's own tensors: {own / 1024:.1f} KiB); "
-          f"{args.rounds} interleaved rounds; load timed by {best_clock().__name__}, the k-th round's load finds N+k-1 resident")
+          f"{args.rounds} interleaved rounds of switches, {args.loads} of loads, timed by {best_clock().__name__}; "
+          "each load finds N resident (the bundle it added is removed again, untimed)")
     print(f"{'':<15} {'N':>3} {'switch us':>10} {'spread':>7} {'load ms':>8} {'min':>7} {'spread':>7} {'resident MiB':>13}  trust")
     for (who, n), t in load.items():
         s = switch[who, n]

@@ -144,6 +144,36 @@ def test_unknown_name_and_duplicate_name_are_clear(tiny_llava_dir, bundles):
         bank.register("A", bundles["B"])
 
 
+@pytest.mark.parametrize("mode", ["unmerged", "merged"])
+def test_remove_frees_a_bundle_and_leaves_the_others_as_they_were(tiny_llava_dir, bundles, obs, mode):
+    """A robot drops a task it is done with: its LoRA leaves every layer and its tensors are freed,
+    the others act as before, and the name can be registered again."""
+    import gc
+    import weakref
+
+    bank = AdapterBank.from_base(tiny_llava_dir, mode=mode)
+    for name in ("A", "B", "H"):
+        bank.register(name, bundles[name])
+    before = {name: act(bank.activate(name), obs) for name in ("A", "H")}
+    lora_b = weakref.ref(next(iter(lora_layers(bank.vlm).values())).adapters["B"].lora_A.weight)
+    head_b = weakref.ref(bank.policies["B"].head)
+    with pytest.raises(ValueError, match="active"):
+        bank.remove("H")
+    bank.activate("A")
+    bank.remove("B")
+    gc.collect()
+    assert lora_b() is None and head_b() is None, "the removed bundle's tensors are still held"
+    assert bank.names == ["A", "H"] and "B" not in bank.vlm.peft_config_vla
+    assert all("B" not in layer.adapters for layer in lora_layers(bank.vlm).values())
+    atol = 0 if mode == "unmerged" else 1e-5  # merging rounds the weights in the last bits
+    for name in ("H", "A"):
+        np.testing.assert_allclose(act(bank.activate(name), obs), before[name], rtol=0, atol=atol)
+    with pytest.raises(KeyError, match="no bundle named 'B'"):
+        bank.remove("B")
+    bank.register("B", bundles["B"])
+    np.testing.assert_allclose(act(bank.activate("B"), obs), fresh(bundles["B"], tiny_llava_dir, obs), rtol=0, atol=atol)
+
+
 def test_merged_mode_refuses_a_4bit_base(tiny_llava_dir):
     vlm, processor = load_vlm(tiny_llava_dir, load_in_4bit=True)
     with pytest.raises(ValueError, match="4-bit"):

@@ -100,6 +100,23 @@ class AdapterBank:
         self.policies[name] = _frozen_own_parts(policy)
         return policy
 
+    def remove(self, name: str) -> None:
+        """Drop bundle ``name`` and what it holds (its LoRA in every layer, its own parts and
+        statistics), e.g. a task the robot is done with; the other bundles are untouched and the name
+        can be registered again. The active bundle stays: activate another one first."""
+        if name not in self.policies:
+            raise KeyError(f"no bundle named {name!r} in this bank; registered: {self.names}")
+        if name == self.active:
+            raise ValueError(f"bundle {name!r} is active; activate another one (or call unmerge_all) before removing it")
+        for layer in self._layers:
+            if name in layer.adapters:
+                del layer.adapters[name]
+        vlm = self.vlm
+        vlm.peft_config_vla = {n: c for n, c in getattr(vlm, "peft_config_vla", {}).items() if n != name}
+        # inject keeps the last adapters it made, to freeze them at the next inject: not these any more
+        vlm.peft_trainable = [m for m in getattr(vlm, "peft_trainable", []) if getattr(m, "adapter_name", None) != name]
+        del self.policies[name]
+
     def _from_disk(self, name: str, path: Path) -> VLAPolicy:
         manifest, config = read_manifest(path)
         check_base(manifest, self.vlm, path, fingerprint=self._fingerprint)
