@@ -85,8 +85,8 @@ def test_keep_failed_keeps_everything_tried(tmp_path, monkeypatch):
     out = tmp_path / "all.hdf5"
     real = collect_module.make_env
 
-    def one_step_env(task, image_size, cameras):
-        return gym.wrappers.TimeLimit(real(task, image_size, cameras).unwrapped, max_episode_steps=1)
+    def one_step_env(task, image_size, cameras, terminate_on_success=True):
+        return gym.wrappers.TimeLimit(real(task, image_size, cameras, terminate_on_success).unwrapped, max_episode_steps=1)
 
     monkeypatch.setattr(collect_module, "make_env", one_step_env)
     with pytest.raises(DemoFileError, match="no episodes to write"):
@@ -155,3 +155,24 @@ def test_play_keeps_every_episode_cut_at_max_steps_and_marks_the_file(tmp_path):
         env.close()
     with pytest.raises(ValueError, match="--max-steps"):
         collect(CollectConfig(task="Reach", episodes=1, out=str(tmp_path / "x.hdf5"), play=True, max_steps=0))
+
+
+def test_after_success_records_the_experts_next_steps_and_replays(tmp_path):
+    """PickPlace's demonstrations end in the expert's opening over the pad: cut at the success that
+    opening causes, it is one frame. ``after_success`` keeps the episode going that many steps, the
+    expert still acting, and the same seed gives the same episode up to the success."""
+    cut, _ = run_episode(make_env("PickPlace", 32, ("agentview",)), 3)
+    out = tmp_path / "after.hdf5"
+    collect(CollectConfig(task="PickPlace", episodes=1, out=str(out), image_size=32, cameras=("agentview",), seed=3,
+                          after_success=5), progress=False)
+    with DemoFile(out) as f:
+        longer = f.episode("demo_0")
+    n = len(cut.actions)
+    assert len(longer.actions) == n + 5 and longer.attrs["success"]
+    np.testing.assert_array_equal(longer.actions[:n], cut.actions)
+    gripper = longer.actions[:, 3]
+    assert (gripper[n - 1:] < 0).all() and (gripper[n - 1:] < 0).sum() == 6  # open over the pad: 6 frames, not 1
+    assert (gripper[:n - 1][-5:] > 0).all()  # closed on the way down
+    assert replay(out, "demo_0") == {"success": True, "steps": n + 5, "ee_pos_gap": 0.0}
+    with pytest.raises(ValueError, match="--after-success"):
+        collect(CollectConfig(task="Reach", episodes=1, out=str(tmp_path / "x.hdf5"), after_success=-1))

@@ -56,6 +56,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         task=task, episodes=args.episodes, out=args.out, image_size=image_size, cameras=tuple(cameras),
         seed=args.seed, workers=args.workers, keep_failed=args.keep_failed, max_attempts=args.max_attempts,
         play=args.play, max_steps=args.max_steps, action_noise=args.action_noise,
+        after_success=args.after_success,
     )
     summary = collect(config)
     print(format_summary(summary))
@@ -109,6 +110,9 @@ def add_data_commands(sub) -> None:
     collect.add_argument("--action-noise", type=float, default=0.0,
                          help="DART-style noise injection: add Gaussian noise of this std (action units) to the moves "
                               "executed, record the expert's clean action (default: 0, none)")
+    collect.add_argument("--after-success", type=int, default=0,
+                         help="record this many steps after the first success, the expert still acting (PickPlace: its "
+                              "release and retreat), so the move that ends a task is more than one frame (default: 0)")
     collect.set_defaults(func=cmd_collect)
     lerobot = sub.add_parser("import-lerobot", help="convert a local LeRobotDataset (v2.1 or v3.0) directory to HDF5")
     lerobot.add_argument("src", help="root of the LeRobot dataset (holds meta/info.json)")

@@ -25,7 +25,7 @@ TASK_CONFIGS = ROOT / "configs" / "tasks"
 DEFAULT_METHOD = ROOT / "configs" / "peft" / "lora.yaml"
 DEFAULT_TASKS = ("Reach", "Push", "PickPlace")
 TASK_SECTIONS = ("task", "collect", "policy", "data", "train")
-COLLECT_KEYS = ("episodes", "image_size", "seed", "workers", "max_attempts", "action_noise")
+COLLECT_KEYS = ("episodes", "image_size", "seed", "workers", "max_attempts", "action_noise", "after_success")
 # play_episodes > 0: also record that many scenes of undirected play (max play_max_steps steps each) for
 # the grounding targets (data.grounding_paths); their seeds start at PLAY_SEED + seed, clear of evaluation's
 PLAY_KEYS = ("play_episodes", "play_max_steps")
@@ -144,7 +144,7 @@ def prepare_task(task: str, config: DemoConfig, base: str, out: Path, own: dict,
     if play.get("play_episodes"):
         play_config = dataclasses.replace(collect_config, out=str(play_path), episodes=play["play_episodes"],
                                           seed=PLAY_SEED + config.seed, play=True, max_steps=play.get("play_max_steps"),
-                                          action_noise=0.0)
+                                          action_noise=0.0, after_success=0)
     return collect_config, play_config, run
 
 

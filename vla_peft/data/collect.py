@@ -38,9 +38,14 @@ class CollectConfig:
     # action units, the gripper left alone); the recorded action stays the expert's clean one, so the
     # demonstrations show the expert correcting drifts a policy's own errors cause. 0: no noise.
     action_noise: float = 0.0
+    # Steps recorded after the first success, the expert still acting (PickPlace: the rest of its
+    # release, then its retreat), kept only if the episode is still a success at its last step. A
+    # demonstration cut at its success holds the move that ended it once: PickPlace's opening over the
+    # pad was one frame in ~45, and its policies learned to hold the cube over the pad. 0: cut at success.
+    after_success: int = 0
 
 
-def make_env(task: str, image_size: int, cameras: tuple[str, ...]):
+def make_env(task: str, image_size: int, cameras: tuple[str, ...], terminate_on_success: bool = True):
     """Our task ``Reach`` (or its full id), or a benchmark preset such as ``metaworld/reach-v3``."""
     import gymnasium as gym
 
@@ -56,7 +61,8 @@ def make_env(task: str, image_size: int, cameras: tuple[str, ...]):
     if env_id not in gym.registry:
         known = sorted(name for name in gym.registry if name.startswith("vla_peft/"))
         raise ValueError(f"unknown task {task!r}; available: {known}, or a preset such as metaworld/reach-v3")
-    return gym.make(env_id, **kwargs, image_size=image_size, cameras=tuple(cameras), terminate_on_success=True)
+    return gym.make(env_id, **kwargs, image_size=image_size, cameras=tuple(cameras),
+                    terminate_on_success=terminate_on_success)
 
 
 def executed_noise(seed: int, action_noise: float, action_dim: int):
@@ -78,9 +84,10 @@ def executed_moves(seed: int, action_noise: float, action_dim: int):
 
 
 def run_episode(env, seed: int, play: bool = False, max_steps: int | None = None,
-                action_noise: float = 0.0) -> tuple[Episode, bool]:
-    """Roll the scripted expert (or play) out from `seed` until success or the step limit, the
-    executed moves perturbed by ``action_noise`` (see CollectConfig)."""
+                action_noise: float = 0.0, after_success: int = 0) -> tuple[Episode, bool]:
+    """Roll the scripted expert (or play) out from `seed` until success (and ``after_success`` steps
+    more, on an env that does not end at success) or the step limit, the executed moves perturbed by
+    ``action_noise`` (see CollectConfig)."""
     import envs
 
     expert = envs.make_expert(env, play=play)
@@ -88,6 +95,7 @@ def run_episode(env, seed: int, play: bool = False, max_steps: int | None = None
     obs, info = env.reset(seed=seed)
     observations: dict[str, list] = {}
     actions, rewards, dones = [], [], []
+    since_success = None  # steps recorded after the first success
     while max_steps is None or len(actions) < max_steps:
         action = np.asarray(expert(obs), dtype=np.float32)
         # the privileged task positions ride along as observations, for training-only targets
@@ -98,7 +106,9 @@ def run_episode(env, seed: int, play: bool = False, max_steps: int | None = None
         success = bool(info["is_success"])
         rewards.append(reward)
         dones.append(terminated or truncated or success)
-        if terminated or truncated:
+        if since_success is not None or success:
+            since_success = 0 if since_success is None else since_success + 1
+        if terminated or truncated or (since_success is not None and since_success >= after_success):
             break
     else:
         dones[-1] = 1
@@ -118,11 +128,12 @@ def _init_worker(config: CollectConfig) -> None:
     global _worker_env, _worker_config
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _worker_env, _worker_config = make_env(config.task, config.image_size, config.cameras), config
+    _worker_env, _worker_config = make_env(config.task, config.image_size, config.cameras, not config.after_success), config
 
 
 def _worker_episode(seed: int) -> tuple[Episode, bool]:
-    return run_episode(_worker_env, seed, _worker_config.play, _worker_config.max_steps, _worker_config.action_noise)
+    config = _worker_config
+    return run_episode(_worker_env, seed, config.play, config.max_steps, config.action_noise, config.after_success)
 
 
 def env_args_for(env, config: CollectConfig) -> dict:
@@ -158,10 +169,12 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
         raise ValueError(f"--max-steps must be at least 1, got {config.max_steps}")
     if not 0.0 <= config.action_noise <= 1.0:
         raise ValueError(f"--action-noise must be a std in [0, 1] action units (e.g. 0.2), got {config.action_noise}")
+    if config.after_success < 0:
+        raise ValueError(f"--after-success must be a number of steps >= 0, got {config.after_success}")
     attempts_allowed = config.max_attempts or 3 * config.episodes + 10
     seeds = range(config.seed, config.seed + attempts_allowed)
     start = time.perf_counter()
-    env = make_env(config.task, config.image_size, config.cameras)
+    env = make_env(config.task, config.image_size, config.cameras, not config.after_success)
     attempts = successes = 0
     bar = tqdm(total=config.episodes, desc=f"collect {config.task}", unit="episode", disable=not progress)
     pool = None
@@ -173,7 +186,8 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
                 pool = multiprocessing.get_context("spawn").Pool(config.workers, _init_worker, (config,))
                 results = pool.imap(_worker_episode, seeds)
             else:
-                results = (run_episode(env, seed, config.play, config.max_steps, config.action_noise) for seed in seeds)
+                results = (run_episode(env, seed, config.play, config.max_steps, config.action_noise, config.after_success)
+                           for seed in seeds)
             for episode, success in results:
                 attempts += 1
                 successes += success
@@ -226,7 +240,8 @@ def replay(path: str | Path, demo: str) -> dict:
         env_args = demo_file.env_args
         episode = demo_file.episode(demo)
     kwargs = env_args["env_kwargs"]
-    env = make_env(env_args["env_name"], kwargs["image_size"], tuple(kwargs["cameras"]))
+    # the stored actions run to their end, past a success (demos recorded with after_success)
+    env = make_env(env_args["env_name"], kwargs["image_size"], tuple(kwargs["cameras"]), terminate_on_success=False)
     seed, action_noise = int(episode.attrs["seed"]), float(episode.attrs.get("action_noise", 0.0))
     executed = executed_moves(seed, action_noise, episode.actions.shape[1])
     try:
