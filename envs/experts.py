@@ -24,6 +24,11 @@ CARRY_Z = 0.12
 # the cube on the pad (docs/results.md).
 RELEASE_ABOVE = 0.017
 PLACE_XY = 0.025
+# The open fingers stay still over the goal this many steps before the retreat, so that a recording
+# past the success (`vla-peft collect --after-success`) shows the opening, not the retreat: an open
+# gripper going up looks like the approach, an open gripper going down, and a policy trained on both
+# hovered above the cube (docs/results.md).
+RELEASE_STEPS = 8
 
 
 class Expert:
@@ -123,7 +128,7 @@ class PickPlaceExpert(Expert):
             return self.move(ee, target, CLOSED, speed=0.6)
         if self.phase == "release":
             self.counter += 1
-            if self.counter >= 3:
+            if self.counter >= RELEASE_STEPS:
                 self.phase = "retreat"
             return self.move(ee, ee, OPEN)
         return self.move(ee, np.array([ee[0], ee[1], CARRY_Z]), OPEN)  # retreat

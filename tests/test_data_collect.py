@@ -173,6 +173,7 @@ def test_after_success_records_the_experts_next_steps_and_replays(tmp_path):
     gripper = longer.actions[:, 3]
     assert (gripper[n - 1:] < 0).all() and (gripper[n - 1:] < 0).sum() == 6  # open over the pad: 6 frames, not 1
     assert (gripper[:n - 1][-5:] > 0).all()  # closed on the way down
+    np.testing.assert_array_equal(longer.actions[n - 1:, :3], 0)  # still over the pad: no retreat upwards
     assert replay(out, "demo_0") == {"success": True, "steps": n + 5, "ee_pos_gap": 0.0}
     with pytest.raises(ValueError, match="--after-success"):
         collect(CollectConfig(task="Reach", episodes=1, out=str(tmp_path / "x.hdf5"), after_success=-1))
