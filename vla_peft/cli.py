@@ -112,7 +112,8 @@ def add_data_commands(sub) -> None:
                               "executed, record the expert's clean action (default: 0, none)")
     collect.add_argument("--after-success", type=int, default=0,
                          help="record this many steps after the first success, the expert still acting (PickPlace: its "
-                              "release and retreat), so the move that ends a task is more than one frame (default: 0)")
+                              "open fingers, still over the pad), so the move that ends a task is more than one frame "
+                              "(default: 0)")
     collect.set_defaults(func=cmd_collect)
     lerobot = sub.add_parser("import-lerobot", help="convert a local LeRobotDataset (v2.1 or v3.0) directory to HDF5")
     lerobot.add_argument("src", help="root of the LeRobot dataset (holds meta/info.json)")

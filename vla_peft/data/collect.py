@@ -38,8 +38,8 @@ class CollectConfig:
     # action units, the gripper left alone); the recorded action stays the expert's clean one, so the
     # demonstrations show the expert correcting drifts a policy's own errors cause. 0: no noise.
     action_noise: float = 0.0
-    # Steps recorded after the first success, the expert still acting (PickPlace: the rest of its
-    # release, then its retreat), kept only if the episode is still a success at its last step. A
+    # Steps recorded after the first success, the expert still acting (PickPlace: its open fingers,
+    # still over the pad), kept only if the episode is still a success at its last step. A
     # demonstration cut at its success holds the move that ended it once: PickPlace's opening over the
     # pad was one frame in ~45, and its policies learned to hold the cube over the pad. 0: cut at success.
     after_success: int = 0
