@@ -71,6 +71,16 @@ def per_call(call, names: list[str], reps: int, before=None) -> float:
     return statistics.median(times)
 
 
+def timed_then_undone(add, undo) -> float:
+    """Seconds of ``add()`` on the bench's clock; ``undo(its result)`` then runs untimed."""
+    clock = best_clock()
+    start = clock()
+    name = add()
+    seconds = clock() - start
+    undo(name)
+    return seconds
+
+
 class Ours:
     """An AdapterBank holding ``count`` bundles; ``load`` adds one more, ``switch`` times activations."""
 
@@ -85,12 +95,7 @@ class Ours:
 
     def load(self) -> float:
         """Seconds to register one more bundle, which is then removed (untimed): N stays N."""
-        clock = best_clock()
-        start = clock()
-        name = self.add()
-        seconds = clock() - start
-        self.bank.remove(name)
-        return seconds
+        return timed_then_undone(self.add, self.bank.remove)
 
     def switch(self, reps: int) -> float:
         names = self.switch_names
@@ -122,12 +127,7 @@ class Peft:
 
     def load(self) -> float:
         """Seconds of ``load_adapter``; the adapter is deleted again (untimed): N stays N."""
-        clock = best_clock()
-        start = clock()
-        name = self.add()
-        seconds = clock() - start
-        self.model.delete_adapter(self.names.pop())
-        return seconds
+        return timed_then_undone(self.add, lambda name: self.model.delete_adapter(self.names.pop()))
 
     def switch(self, reps: int) -> float:
         return per_call(self.model.set_adapter, self.switch_names, max(20, reps // 4))

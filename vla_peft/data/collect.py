@@ -95,7 +95,7 @@ def run_episode(env, seed: int, play: bool = False, max_steps: int | None = None
     obs, info = env.reset(seed=seed)
     observations: dict[str, list] = {}
     actions, rewards, dones = [], [], []
-    since_success = None  # steps recorded after the first success
+    success_at = None  # steps recorded when the first success came
     while max_steps is None or len(actions) < max_steps:
         action = np.asarray(expert(obs), dtype=np.float32)
         # the privileged task positions ride along as observations, for training-only targets
@@ -106,9 +106,9 @@ def run_episode(env, seed: int, play: bool = False, max_steps: int | None = None
         success = bool(info["is_success"])
         rewards.append(reward)
         dones.append(terminated or truncated or success)
-        if since_success is not None or success:
-            since_success = 0 if since_success is None else since_success + 1
-        if terminated or truncated or (since_success is not None and since_success >= after_success):
+        if success and success_at is None:
+            success_at = len(actions)
+        if terminated or truncated or (success_at is not None and len(actions) - success_at >= after_success):
             break
     else:
         dones[-1] = 1
