@@ -37,6 +37,15 @@ class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite."""
 
 
+def adamw(params: list[torch.nn.Parameter], **settings) -> torch.optim.AdamW:
+    """AdamW, fused where torch has the kernel (float parameters on the CPU or CUDA): one pass over all
+    parameters instead of a dozen small ops per parameter, which for LoRA's many small matrices cost
+    about as much as their matmuls (4.4 ms against 0.6 ms per step for the 44 of the tiny base; same
+    update up to float rounding)."""
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, fused=fused or None, **settings)
+
+
 def warmup_cosine(warmup: int, total: int, min_ratio: float):
     """Linear warm-up to the peak, then a cosine down to ``min_ratio`` of it."""
     def factor(step: int) -> float:
@@ -120,7 +129,7 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True) -> TrainR
         else:
             policy.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     named = {n: p for n, p in policy.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(list(named.values()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    optimizer = adamw(list(named.values()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
 
     start, elapsed_before = 0, 0.0
