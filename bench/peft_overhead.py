@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from functools import partial
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
