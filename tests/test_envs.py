@@ -92,6 +92,40 @@ def test_pick_place_expert_lifts_the_cube_by_friction():
     env.close()
 
 
+def test_pick_place_expert_closes_on_the_grasp_points_height_and_grasps_a_cube_off_centre():
+    """The close is decided on the height (the policy's own state) with a plane tolerance the open
+    fingers can take: a policy 1-2 cm off in the plane must see 'close' in the demonstrations, and a
+    cube that far off centre must still be picked and placed."""
+    from envs.experts import CLOSED, OPEN, PickPlaceExpert
+
+    env = make("PickPlace", render_images=False)
+    env.reset(seed=0)
+    state = env.unwrapped.privileged_state()
+    cube = state["cube_pos"][int(state["target_cube"])]
+    expert = PickPlaceExpert(env.unwrapped)
+    for offset, grip in (((0.012, 0.0, 0.005), CLOSED), ((0.0, 0.012, 0.005), CLOSED), ((0.012, 0.0, 0.02), OPEN)):
+        expert.phase = "descend"
+        here = {**state, "ee_pos": cube + np.array(offset)}
+        expert.act(here)  # the step that decides
+        assert expert.act(here)[3] == grip, offset
+
+    class Misled(PickPlaceExpert):  # believes the cube 1.2 cm off until it has closed on it
+        def act(self, s):
+            if self.phase in ("start", "descend"):
+                s = {**s, "cube_pos": s["cube_pos"] + np.array([0.012, 0.012, 0.0])}
+            return super().act(s)
+
+    for seed in range(2):
+        obs, info = env.reset(seed=seed)
+        misled = Misled(env.unwrapped)
+        for _ in range(150):
+            obs, _, _, _, info = env.step(misled(obs).astype(np.float32))
+            if info["is_success"]:
+                break
+        assert info["is_success"], seed
+    env.close()
+
+
 @pytest.mark.parametrize("task", ["Push", "PickPlace"])
 def test_random_policy_rarely_succeeds(task):
     env = make(task, render_images=False)
