@@ -119,7 +119,7 @@ def test_pick_place_expert_closes_on_the_grasp_points_height_and_grasps_a_cube_o
         obs, info = env.reset(seed=seed)
         misled = Misled(env.unwrapped)
         for _ in range(150):
-            obs, _, _, _, info = env.step(misled(obs).astype(np.float32))
+            obs, _, _, _, info = env.step(misled(obs))
             if info["is_success"]:
                 break
         assert info["is_success"], seed

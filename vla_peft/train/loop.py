@@ -41,8 +41,10 @@ def adamw(params: list[torch.nn.Parameter], **settings) -> torch.optim.AdamW:
     """AdamW, fused where torch has the kernel (float parameters on the CPU or CUDA): one pass over all
     parameters instead of a dozen small ops per parameter, which for LoRA's many small matrices cost
     about as much as their matmuls (4.4 ms against 0.6 ms per step for the 44 of the tiny base; same
-    update up to float rounding)."""
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    update up to float rounding). Contiguous parameters only: the fused kernel walks a parameter, its
+    gradient and its moments as flat memory, so a transposed one beside a moment restored from a
+    checkpoint (always contiguous) would be updated wrongly, without an error."""
+    fused = all(p.is_floating_point() and p.is_contiguous() and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(params, fused=fused or None, **settings)
 
 
