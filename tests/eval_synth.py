@@ -27,14 +27,16 @@ def normalizers(action_dim: int = 4, state_dim: int = 5) -> dict[str, Normalizer
     return {"actions": Normalizer(stats(action_dim, 1.0), "min_max"), "state": Normalizer(stats(state_dim, 0.3), "min_max")}
 
 
-def make_policy(base_dir, seed: int, lora: bool = True, vlm=None, processor=None, **policy_kwargs) -> VLAPolicy:
-    """A policy on the tiny base with random (non-zero) LoRA, head and queries drawn from ``seed``."""
+def make_policy(base_dir, seed: int, lora: bool = True, vlm=None, processor=None, targets=None,
+                **policy_kwargs) -> VLAPolicy:
+    """A policy on the tiny base with random (non-zero) LoRA (on ``targets``, default ``LORA_TARGETS``),
+    head and queries drawn from ``seed``."""
     if vlm is None:
         vlm, processor = load_vlm(base_dir)
     config = PolicyConfig(base=str(base_dir), image_size=32, state_dim=5, chunk_size=4, execute_steps=2,
                           head_width=64, **policy_kwargs)
     torch.manual_seed(seed)
-    method = LoraConfig(r=4, alpha=8, targets=LORA_TARGETS) if lora else None
+    method = LoraConfig(r=4, alpha=8, targets=targets or LORA_TARGETS) if lora else None
     policy = VLAPolicy(config, vlm, processor, method)
     with torch.no_grad():
         for name, param in vlm.named_parameters():

@@ -127,6 +127,43 @@ def test_register_from_memory_equals_from_disk(tiny_llava_dir, bundles, obs):
     np.testing.assert_array_equal(act(bank.activate("A_mem"), obs), fresh(bundles["A"], tiny_llava_dir, obs))
 
 
+def test_register_from_memory_holds_its_own_copy(tiny_llava_dir, obs):
+    """A bank's policy takes a bundle's tensors as its weights; from memory it copies them first, so
+    training the source on afterwards leaves the registered bundle as it was."""
+    source = make_policy(tiny_llava_dir, 1)
+    bank = AdapterBank.from_base(tiny_llava_dir)
+    bank.register("A", source)
+    before = act(bank.activate("A"), obs)
+    with torch.no_grad():
+        for param in [*source.head.parameters(), source.queries, *source.proprio.parameters()]:
+            param.add_(0.5)
+    np.testing.assert_array_equal(act(bank.policy, obs), before)
+
+
+def test_bank_acts_without_the_aux_head(tiny_llava_dir, tmp_path, obs):
+    """The aux head only trains: a bank does not build it, and acts as the whole bundle does."""
+    path = save_bundle(make_policy(tiny_llava_dir, 5, aux_keys=["ee_pos"], aux_dim=3), tmp_path / "aux")
+    bank = AdapterBank.from_base(tiny_llava_dir)
+    bank.register("aux", path)
+    whole = load_bundle(path, *load_vlm(tiny_llava_dir))
+    assert bank.policies["aux"].aux_head is None and whole.aux_head is not None
+    np.testing.assert_array_equal(act(bank.activate("aux"), obs), act(whole, obs))
+
+
+def test_a_bundle_on_more_layers_is_switched_on_all_of_them(tiny_llava_dir, tmp_path, obs):
+    """A second bundle that wraps layers the first did not (here the language MLPs) is merged and
+    unmerged on those too: the bank finds the new layers although it walks the model only when needed."""
+    wider = {"language": [r"layers\.\d+\.self_attn\.(q|v)_proj", r"layers\.\d+\.mlp\.down_proj"]}
+    narrow = save_bundle(make_policy(tiny_llava_dir, 1), tmp_path / "narrow")
+    wide = save_bundle(make_policy(tiny_llava_dir, 2, targets=wider), tmp_path / "wide")
+    bank = AdapterBank.from_base(tiny_llava_dir, mode="merged")
+    bank.register("narrow", narrow)
+    bank.register("wide", wide)
+    assert len(bank._layers) == len(lora_layers(bank.vlm)) > len(lora_layers(load_bundle(narrow, *load_vlm(tiny_llava_dir)).vlm))
+    np.testing.assert_allclose(act(bank.activate("wide"), obs), fresh(wide, tiny_llava_dir, obs), atol=1e-5)
+    np.testing.assert_allclose(act(bank.activate("narrow"), obs), fresh(narrow, tiny_llava_dir, obs), atol=1e-5)
+
+
 def test_bundle_for_another_base_is_refused_at_registration(tiny_llava_dir, bundles, tmp_path):
     other_base = save_tiny_llava(tmp_path / "other_base", seed=1)  # same shapes, other weights
     bank = AdapterBank.from_base(other_base)

@@ -6,7 +6,7 @@ import importlib
 
 from torch import nn
 
-from vla_peft.peft.base import PeftModule, freeze
+from vla_peft.peft.base import PeftModule, freeze, set_plain
 from vla_peft.peft.config import MethodConfig
 from vla_peft.peft.lora import LoraAdapter, LoraConfig, inject_lora, refuse_if_merged
 from vla_peft.peft.report import ParameterReport, parameter_report
@@ -36,7 +36,7 @@ def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default"
     if not frozen:
         freeze(model)
     for module in modules:
-        module.adapter_name = adapter_name
+        set_plain(module, adapter_name=adapter_name)
         if not frozen:
             module.requires_grad_(True)
         elif not isinstance(module, LoraAdapter):  # LoRA's are built frozen

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vla_peft.peft.base import PeftModule, PeftWrapper, base_modules, find_targets
+from vla_peft.peft.base import PeftModule, PeftWrapper, base_modules, find_targets, set_plain
 from vla_peft.peft.config import MethodConfig, check_targets, register
 
 
@@ -70,11 +70,12 @@ class LoraWeight(nn.Module):
     HF peft. Not an ``nn.Linear``: that one initialises its weight in its constructor, and adding a
     bundle to a bank builds dozens of these."""
 
-    def __init__(self, weight: torch.Tensor, requires_grad: bool = True) -> None:
+    def __init__(self, weight: torch.Tensor, requires_grad: bool = True, training: bool = True) -> None:
         super().__init__()
         # Straight into the parameter table: register_parameter's checks cost more than the rest of
         # this module's construction, and the name is fixed.
         self._parameters["weight"] = nn.Parameter(weight, requires_grad=requires_grad)
+        set_plain(self, training=training)
 
 
 MASK_STEPS = 1 << 16  # dropout probabilities are drawn in steps of 1/65536
@@ -95,23 +96,25 @@ def keep_mask(shape: torch.Size, p: float, device=None) -> tuple[torch.Tensor, f
 class LoraAdapter(PeftModule):
     """One named low-rank update: x -> B(A(dropout(x))) * scaling, in float32, made of the given
     (r, in) and (out, r) weights (``initial`` draws a fresh pair); ``requires_grad=False`` builds it
-    frozen, for a caller that only runs it (no module walk to freeze it afterwards)."""
+    frozen, for a caller that only runs it (no module walk to freeze it afterwards), and ``training``
+    sets its mode, as ``train()`` would."""
 
     def __init__(self, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dropout: float,
-                 requires_grad: bool = True) -> None:
+                 requires_grad: bool = True, training: bool = True) -> None:
         super().__init__()
-        self._modules["lora_A"] = LoraWeight(lora_A, requires_grad)  # as LoraWeight's parameter: the names are fixed
-        self._modules["lora_B"] = LoraWeight(lora_B, requires_grad)
-        self.dropout = dropout  # a probability, applied by keep_mask: no module call per forward
-        self.scaling = scaling
+        self._modules["lora_A"] = LoraWeight(lora_A, requires_grad, training)  # as LoraWeight's parameter: the names are fixed
+        self._modules["lora_B"] = LoraWeight(lora_B, requires_grad, training)
+        # dropout: a probability, applied by keep_mask (no module call per forward)
+        set_plain(self, dropout=dropout, scaling=scaling, training=training)
 
     @classmethod
     def initial(cls, d_in: int, d_out: int, r: int, scaling: float, dropout: float, device=None,
-                requires_grad: bool = True) -> LoraAdapter:
+                requires_grad: bool = True, training: bool = True) -> LoraAdapter:
         """A as nn.Linear's own init (Kaiming-uniform, a=sqrt(5)), B zero: B·A = 0 at init."""
         lora_A = torch.empty(r, d_in, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-        return cls(lora_A, torch.zeros(d_out, r, device=device, dtype=torch.float32), scaling, dropout, requires_grad)
+        return cls(lora_A, torch.zeros(d_out, r, device=device, dtype=torch.float32), scaling, dropout, requires_grad,
+                   training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, scaling = self._dropped(x)
@@ -197,20 +200,20 @@ class LoraLinear(PeftWrapper):
     def add_adapter(self, name: str, config: LoraConfig,
                     weights: tuple[torch.Tensor, torch.Tensor] | None = None, trainable: bool = True) -> LoraAdapter:
         """Add adapter ``name``, freshly initialised, or made of ``weights`` (A, B) as a file holds
-        them (copied in float32 onto the base's device; nothing is drawn that they would replace),
-        frozen unless ``trainable``."""
+        them (taken as they are, converted only if not float32 on the base's device: pass tensors
+        nobody else holds, as ``load_adapter``'s freshly read ones; nothing is drawn that they would
+        replace), frozen unless ``trainable``."""
         if name in self.adapters:
             raise ValueError(f"this layer already has a LoRA adapter named {name!r}; choose another adapter_name")
         base = self.base_layer
+        # In this wrapper's mode: dropout off in an eval-mode model.
         if weights is None:
             adapter = LoraAdapter.initial(base.in_features, base.out_features, config.r, config.scaling,
-                                          config.dropout, device=base.weight.device, requires_grad=trainable)
+                                          config.dropout, base.weight.device, trainable, self.training)
         else:
             device = base.weight.device
-            lora_A, lora_B = (w.to(device, torch.float32, copy=True) for w in weights)
-            adapter = LoraAdapter(lora_A, lora_B, config.scaling, config.dropout, trainable)
-        # Dropout off in an eval-mode model; set on the three modules directly, as train() would.
-        adapter.training = adapter.lora_A.training = adapter.lora_B.training = self.training
+            lora_A, lora_B = (w.to(device, torch.float32) for w in weights)
+            adapter = LoraAdapter(lora_A, lora_B, config.scaling, config.dropout, trainable, self.training)
         self.adapters[name] = adapter
         return adapter
 
@@ -291,13 +294,14 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     """Wrap every targeted linear (or reuse its wrapper) and add adapter ``adapter_name``;
     the new adapter becomes the active one. Returns the new adapters (frozen unless ``trainable``). ``weights``
     (module path -> (A, B), one pair per target, as ``load_adapter`` found and checked them)
-    makes the adapters of a saved pair each instead of a fresh init, without a second search."""
+    makes the adapters of a saved pair each instead of a fresh init, without a second search; the
+    adapters take those tensors as their weights (see ``LoraLinear.add_adapter``)."""
     refuse_if_merged(model, "add a LoRA adapter")
     if weights is None:
         paths = [t.path for t in find_targets(model, config.targets, accept=is_linear, kind="linear")]
     else:
         paths = list(weights)
-    modules = [model.get_submodule(path) for path in paths]
+    modules = [_submodule(model, path) for path in paths]
     bases = [m.base_layer if isinstance(m, LoraLinear) else m for m in modules]
     if config.load_in_4bit and not all(is_4bit(b) for b in bases):
         plain = [path for path, b in zip(paths, bases) if not is_4bit(b)][:3]
@@ -356,7 +360,16 @@ def refuse_if_merged(model: nn.Module, action: str) -> None:
 
 def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent_path), child, module)
+    setattr(_submodule(model, parent_path), child, module)
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module:
+    """``model.get_submodule(path)`` for a path known to exist (found by ``find_targets`` or checked
+    against a file's keys by ``load_adapter``), read straight from the module tables: a sixth of
+    get_submodule's cost, which a bank load pays once per LoRA layer."""
+    for name in path.split(".") if path else ():
+        model = model._modules[name]
+    return model
 
 
 def merged_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -56,7 +56,9 @@ class VLAPolicy(nn.Module):
     """The frozen VLM, its PEFT modules and the policy's own parts (see the module's docstring).
     ``own_state`` (a bundle's ``own_state_dict``) gives the own parts those weights, built without the
     random init they would replace, and leaves the VLM's trainable flags as they are (the loaders,
-    ``AdapterBank`` and ``load_bundle``, freeze what they load): a bank builds one per bundle it loads."""
+    ``AdapterBank`` and ``load_bundle``, freeze what they load): a bank builds one per bundle it loads.
+    Its tensors become the policy's weights, not copied (pass tensors nobody else holds, as a file's
+    are); without the aux head's weights no aux head is built (it only trains, and a bank only acts)."""
 
     def __init__(self, config: PolicyConfig, vlm: nn.Module, processor=None, method_config=None,
                  own_state: dict[str, torch.Tensor] | None = None):
@@ -81,8 +83,9 @@ class VLAPolicy(nn.Module):
         self.model_image_size = vlm.config.vision_config.image_size
 
         init = own_state is None
+        aux = bool(config.aux_keys) and (init or any(k.startswith("aux_head.") for k in own_state))
         with contextlib.nullcontext() if init else SkipInit():
-            self._build_own_parts(config, vlm, hidden, init)
+            self._build_own_parts(config, vlm, hidden, init, aux)
         if own_state is not None:
             self.load_own_state_dict(own_state)
         self.normalizers: dict[str, Normalizer] | None = None
@@ -93,9 +96,9 @@ class VLAPolicy(nn.Module):
         self.reset()
 
     # ------------------------------------------------------------------ building
-    def _build_own_parts(self, config: PolicyConfig, vlm: nn.Module, hidden: int, init: bool) -> None:
-        """The head, the action queries, the proprio projector and the aux head (the queries drawn
-        only with ``init``)."""
+    def _build_own_parts(self, config: PolicyConfig, vlm: nn.Module, hidden: int, init: bool, aux: bool) -> None:
+        """The head, the action queries, the proprio projector and (with ``aux``) the aux head; the
+        queries drawn only with ``init``."""
         if config.head == "continuous":
             self.head = ContinuousHead(hidden, config.action_dim, config.chunk_size, config.head_width)
         elif config.head == "flow":
@@ -117,7 +120,7 @@ class VLAPolicy(nn.Module):
         self.aux_head = (
             nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, config.head_width), nn.GELU(),
                           nn.Linear(config.head_width, config.aux_dim))
-            if config.aux_keys else None
+            if aux else None
         )
 
     @classmethod
@@ -150,15 +153,28 @@ class VLAPolicy(nn.Module):
         return {k: v.contiguous().cpu() for k, v in state.items()}
 
     def load_own_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = set(self.own_state_dict())
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise ValueError(f"policy weights do not match this policy config (missing {missing}, unexpected {extra})")
-        with torch.no_grad():
-            self.queries.copy_(state["queries"])
-        for name, module in self.own_modules().items():
-            prefix = f"{name}."
-            module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        """Take ``state``'s tensors as the own parts' weights (assigned, not copied)."""
+        parts = {name: {} for name in self.own_modules()}
+        unexpected = []
+        for key, value in state.items():
+            name, _, rest = key.partition(".")
+            if name in parts and rest:
+                parts[name][rest] = value
+            elif key != "queries":
+                unexpected.append(key)
+        queries = state.get("queries")
+        mismatch = "policy weights do not match this policy config"
+        if queries is None or queries.shape != self.queries.shape:
+            shape = None if queries is None else tuple(queries.shape)
+            raise ValueError(f"{mismatch}: queries {shape}, wanted {tuple(self.queries.shape)}")
+        if unexpected:
+            raise ValueError(f"{mismatch}: unexpected {sorted(unexpected)}")
+        try:
+            for name, module in self.own_modules().items():
+                module.load_state_dict(parts[name], assign=True)
+        except RuntimeError as err:  # a part's missing or unexpected keys, or a shape
+            raise ValueError(f"{mismatch}: {err}") from None
+        self.queries = nn.Parameter(queries, requires_grad=self.queries.requires_grad)
 
     @property
     def device(self) -> torch.device:

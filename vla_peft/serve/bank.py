@@ -96,9 +96,15 @@ class AdapterBank:
                 policy = self._from_memory(name, bundle)
             else:
                 policy = self._from_disk(name, Path(bundle))
-            self._layers = list(lora_layers(self.vlm).values())
+            if policy.method_config is not None and not self._lists_layers_of(name):
+                self._layers = list(lora_layers(self.vlm).values())
         self.policies[name] = _frozen_own_parts(policy)
         return policy
+
+    def _lists_layers_of(self, name: str) -> bool:
+        """Whether every LoRA adapter just added as ``name`` sits in a layer the bank already lists;
+        if not, the bundle wrapped new layers and the model must be walked for them."""
+        return sum(name in layer.adapters for layer in self._layers) == len(self.vlm.peft_trainable)
 
     def remove(self, name: str) -> None:
         """Drop bundle ``name`` and what it holds (its LoRA in every layer, its own parts and
@@ -123,7 +129,8 @@ class AdapterBank:
         method = load_method(manifest["method"])
         self._check_method(method, str(path))
         state, normalizers = read_own_files(path)
-        policy = VLAPolicy(config, self.vlm, self.processor, own_state=state)
+        acting = {k: v for k, v in state.items() if not k.startswith("aux_head.")}  # the aux head only trains
+        policy = VLAPolicy(config, self.vlm, self.processor, own_state=acting)
         policy.normalizers = normalizers
         if method is not None:  # last: a bundle refused above leaves the base untouched
             load_adapter(self.vlm, path / "adapter", adapter_name=name, report=False, frozen=True)
@@ -140,7 +147,8 @@ class AdapterBank:
             raise ValueError(f"bundle {name!r}: the policy has no normalisation statistics; train it first")
         method = source.method_config
         self._check_method(method, name)
-        policy = VLAPolicy(source.config, self.vlm, self.processor, own_state=source.own_state_dict())
+        own = {k: v.clone() for k, v in source.own_state_dict().items() if not k.startswith("aux_head.")}
+        policy = VLAPolicy(source.config, self.vlm, self.processor, own_state=own)
         policy.normalizers = source.normalizers
         if method is not None:
             source_name = source.vlm.lora_active_adapter.name
