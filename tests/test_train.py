@@ -211,6 +211,31 @@ def test_bundle_onto_another_base_is_refused(tiny_llava_dir, demos, tmp_path):
         load_bundle(tmp_path / "run" / "bundle", base=other)
 
 
+def test_init_from_starts_from_the_bundle_and_refuses_another_method(tiny_llava_dir, demos, tmp_path):
+    """train.init_from: the run starts from the bundle's weights, not a fresh draw: with a learning rate
+    too small to move them, its policy acts as the bundle does (a fresh run with that rate does not), aux
+    head included; a run without aux targets leaves the bundle's aux head out; another method's bundle
+    is refused before training, naming what differs."""
+    aux = {"aux_keys": ["target_pos"]}
+    first = train(run_config(tiny_llava_dir, demos, tmp_path / "first", policy=aux, steps=3), progress=False)
+    bundle = str(tmp_path / "first" / "bundle")
+    still = {"steps": 1, "lr": 1e-12}
+    started = train(run_config(tiny_llava_dir, demos, tmp_path / "started", policy=aux, init_from=bundle, **still), progress=False)
+    fresh = train(run_config(tiny_llava_dir, demos, tmp_path / "fresh", policy=aux, **still), progress=False)
+    obs = frames(demos, [(0, 1), (3, 7)])
+    reference = first.policy.predict_chunk(obs)
+    np.testing.assert_allclose(started.policy.predict_chunk(obs), reference, atol=1e-6)
+    assert np.abs(fresh.policy.predict_chunk(obs) - reference).max() > 1e-3
+    for a, b in zip(started.policy.aux_head.parameters(), first.policy.aux_head.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
+    plain = train(run_config(tiny_llava_dir, demos, tmp_path / "plain", init_from=bundle, **still), progress=False)
+    np.testing.assert_allclose(plain.policy.predict_chunk(obs), reference, atol=1e-6)
+    assert plain.policy.aux_head is None
+    with pytest.raises(BundleMismatchError, match="init_from.*r=4.*r=8"):
+        train(run_config(tiny_llava_dir, demos, tmp_path / "wider", method={**SMALL_LORA, "r": 8}, init_from=bundle),
+              progress=False)
+
+
 def test_run_config_overrides_and_errors(tiny_llava_dir, demos, tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(f"policy: {{base: {tiny_llava_dir}}}\nmethod: none\ndata: {{paths: [{demos}]}}\n")

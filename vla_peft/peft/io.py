@@ -46,20 +46,7 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     config = configs[adapter_name]
     if isinstance(config, LoraConfig):
         refuse_if_merged(model, "save a LoRA adapter")
-        layers = {p: layer for p, layer in lora_layers(model).items() if adapter_name in layer.adapters}
-        tensors = {}
-        for p, layer in layers.items():
-            adapter = layer.adapters[adapter_name]
-            tensors[f"{PEFT_PREFIX}{p}.lora_A.weight"] = adapter.lora_A.weight
-            tensors[f"{PEFT_PREFIX}{p}.lora_B.weight"] = adapter.lora_B.weight
-        targets = {p: _linear_shape(layer.base_layer) for p, layer in layers.items()}
-    else:
-        tensors = {
-            f"{p}.{name}": param
-            for p, module in peft_modules(model, adapter_name).items()
-            for name, param in module.named_parameters()
-        }
-        targets = {key: list(t.shape) for key, t in tensors.items()}
+    tensors, targets = _adapter_tensors(model, adapter_name, config)
     ours = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "fingerprint": base_fingerprint(model, targets)}
     path = Path(path)
     with _atomic_dir(path) as tmp:
@@ -68,6 +55,54 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         if isinstance(config, LoraConfig):
             (tmp / PEFT_CONFIG).write_text(json.dumps(_peft_config(model, config, sorted(targets)), indent=2))
     return path
+
+
+def _adapter_tensors(model: nn.Module, adapter_name: str, config) -> tuple[dict[str, torch.Tensor], dict]:
+    """The adapter's parameters under the keys its file holds, and its targets' shapes (the fingerprint's)."""
+    if isinstance(config, LoraConfig):
+        layers = {p: layer for p, layer in lora_layers(model).items() if adapter_name in layer.adapters}
+        tensors = {}
+        for p, layer in layers.items():
+            adapter = layer.adapters[adapter_name]
+            tensors[f"{PEFT_PREFIX}{p}.lora_A.weight"] = adapter.lora_A.weight
+            tensors[f"{PEFT_PREFIX}{p}.lora_B.weight"] = adapter.lora_B.weight
+        return tensors, {p: _linear_shape(layer.base_layer) for p, layer in layers.items()}
+    tensors = {
+        f"{p}.{name}": param
+        for p, module in peft_modules(model, adapter_name).items()
+        for name, param in module.named_parameters()
+    }
+    return tensors, {key: list(t.shape) for key, t in tensors.items()}
+
+
+# What a fine-tune may change against the adapter it starts from: these do not change what the weights compute.
+TRAINING_ONLY = ("dropout", "load_in_4bit")
+
+
+def fill_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> None:
+    """Copy the weights saved at ``path`` (ours, from ``save_adapter``) into adapter ``adapter_name``,
+    already injected and trainable: a fine-tune that starts from a trained adapter. The two must be the
+    same method on the same targets with the same shapes (dropout may differ), or one clear error says
+    what differs; nothing is copied then."""
+    path = Path(path)
+    if not (path / OURS).is_file():
+        raise FileNotFoundError(f"{path} has no {OURS}: start a fine-tune from an adapter vla_peft saved")
+    config = getattr(model, "peft_config_vla", {})[adapter_name]
+    saved = json.loads((path / OURS).read_text())["config"]
+    here = config.to_dict()
+    differs = sorted(k for k in {*saved, *here} - set(TRAINING_ONLY) if saved.get(k) != here.get(k))
+    if differs:
+        raise ValueError(f"{path}: the saved adapter's {', '.join(f'{k}={saved.get(k)!r}' for k in differs)} differ "
+                         f"from this model's ({', '.join(f'{k}={here.get(k)!r}' for k in differs)}); use the same method config")
+    tensors = _read_weights(path / WEIGHTS)
+    params, _ = _adapter_tensors(model, adapter_name, config)
+    _check_keys(set(params), tensors, path)
+    wrong = [k for k, param in params.items() if tensors[k].shape != param.shape]
+    if wrong:
+        raise ValueError(f"{path}: {wrong[0]} is {list(tensors[wrong[0]].shape)}, the model's {list(params[wrong[0]].shape)}")
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(tensors[key])
 
 
 def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default",

@@ -25,6 +25,7 @@ from safetensors.torch import load, save_file
 from torch import nn
 
 from vla_peft.data.stats import load_normalizers, save_normalizers
+from vla_peft.peft.io import fill_adapter
 from vla_peft.policy.config import PolicyConfig
 from vla_peft.policy.peft_link import load_method, load_method_weights, save_method
 from vla_peft.policy.policy import VLAPolicy
@@ -178,3 +179,28 @@ def load_bundle(path: str | Path, vlm: nn.Module | None = None, processor=None, 
     policy.normalizers = normalizers
     policy.requires_grad_(False)
     return policy.eval()
+
+
+def start_from_bundle(policy: VLAPolicy, path: str | Path) -> None:
+    """Start a training from a trained bundle instead of a fresh init (``train.init_from``): a fine-tune,
+    or a curriculum from an easier task. Its PEFT weights and own parts (head, queries, proprio
+    projector, aux head) replace ``policy``'s fresh ones and stay trainable; the statistics, optimizer
+    and schedule are the new run's. The base, the method and every shape must match, or one clear error
+    names what differs. An aux head the bundle lacks stays freshly drawn; one the run has no targets for
+    is left out."""
+    path = Path(path)
+    manifest, _ = read_manifest(path)
+    check_base(manifest, policy.vlm, path)
+    if (manifest["method"] is None) != (policy.method_config is None):
+        raise BundleMismatchError(f"train.init_from={path}: the bundle is {'head-only' if manifest['method'] is None else 'a PEFT bundle'} "
+                                  f"but this run {'trains a PEFT method' if policy.method_config is not None else 'is head-only'}")
+    state, _ = read_own_files(path)
+    state = {k: v for k, v in state.items() if policy.aux_head is not None or not k.startswith("aux_head.")}
+    if policy.aux_head is not None and not any(k.startswith("aux_head.") for k in state):
+        state.update({f"aux_head.{k}": v for k, v in policy.aux_head.state_dict().items()})
+    try:
+        if manifest["method"] is not None:
+            fill_adapter(policy.vlm, path / "adapter")
+        policy.load_own_state_dict(state)
+    except ValueError as err:
+        raise BundleMismatchError(f"train.init_from={path}: {err}") from None

@@ -49,6 +49,7 @@ class TrainConfig:
     num_workers: int = 0
     threads: int | None = None          # torch CPU threads; 1 is far faster when other jobs share the cores
     tensorboard: bool = False
+    init_from: str | None = None        # a bundle to start from (a fine-tune or a curriculum) instead of a fresh init
 
     POSITIVE: ClassVar = ("steps", "batch_size", "grad_accum", "lr", "eval_every", "val_batches", "save_every",
                           "keep_last", "log_every", "threads", "max_grad_norm")

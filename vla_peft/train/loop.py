@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from vla_peft.data import DataConfig, build_datasets
-from vla_peft.policy.bundle import save_bundle
+from vla_peft.policy.bundle import save_bundle, start_from_bundle
 from vla_peft.policy.policy import VLAPolicy
 from vla_peft.train.checkpoint import list_checkpoints, restore_optimizer, restore_rng, save_checkpoint
 from vla_peft.train.config import RunConfig
@@ -124,6 +124,8 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True) -> TrainR
     if resume:
         check_resumable(state.get("config"), requested, state["step"], checkpoint)
     policy = VLAPolicy.from_config(run.policy, run.method, normalizers=train_set.normalizers)
+    if cfg.init_from:
+        start_from_bundle(policy, cfg.init_from)
     if cfg.gradient_checkpointing:  # the method's name changed within transformers 5.x
         enable = getattr(policy.vlm, "activation_checkpointing_enable", None)
         if enable is not None:
