@@ -226,6 +226,7 @@ def test_init_from_starts_from_the_bundle_and_refuses_another_method(tiny_llava_
     reference = first.policy.predict_chunk(obs)
     np.testing.assert_allclose(started.policy.predict_chunk(obs), reference, atol=1e-6)
     assert np.abs(fresh.policy.predict_chunk(obs) - reference).max() > 1e-3
+    assert started.summary["trainable_parameters"] == fresh.summary["trainable_parameters"]  # all still train
     for a, b in zip(started.policy.aux_head.parameters(), first.policy.aux_head.parameters()):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
     plain = train(run_config(tiny_llava_dir, demos, tmp_path / "plain", init_from=bundle, **still), progress=False)

@@ -92,8 +92,9 @@ def fill_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     here = config.to_dict()
     differs = sorted(k for k in {*saved, *here} - set(TRAINING_ONLY) if saved.get(k) != here.get(k))
     if differs:
-        raise ValueError(f"{path}: the saved adapter's {', '.join(f'{k}={saved.get(k)!r}' for k in differs)} differ "
-                         f"from this model's ({', '.join(f'{k}={here.get(k)!r}' for k in differs)}); use the same method config")
+        theirs, ours = (", ".join(f"{k}={side.get(k)!r}" for k in differs) for side in (saved, here))
+        raise ValueError(f"{path}: the saved adapter's {theirs} differ from this model's ({ours}); "
+                         "use the same method config")
     tensors = _read_weights(path / WEIGHTS)
     params, _ = _adapter_tensors(model, adapter_name, config)
     _check_keys(set(params), tensors, path)

@@ -192,8 +192,9 @@ def start_from_bundle(policy: VLAPolicy, path: str | Path) -> None:
     manifest, _ = read_manifest(path)
     check_base(manifest, policy.vlm, path)
     if (manifest["method"] is None) != (policy.method_config is None):
-        raise BundleMismatchError(f"train.init_from={path}: the bundle is {'head-only' if manifest['method'] is None else 'a PEFT bundle'} "
-                                  f"but this run {'trains a PEFT method' if policy.method_config is not None else 'is head-only'}")
+        kind = {True: "head-only", False: "a PEFT method"}
+        raise BundleMismatchError(f"train.init_from={path}: the bundle is {kind[manifest['method'] is None]} but this "
+                                  f"run is {kind[policy.method_config is None]}; start from a bundle of the same method")
     state, _ = read_own_files(path)
     state = {k: v for k, v in state.items() if policy.aux_head is not None or not k.startswith("aux_head.")}
     if policy.aux_head is not None and not any(k.startswith("aux_head.") for k in state):
